@@ -1,0 +1,90 @@
+"""``make course``: execute every notebook with papermill into ``build/`` and write ``build/course-report.md``.
+
+Each notebook runs in its own papermill process (``cwd`` = notebooks/), with ``LORA_COURSE_METRICS`` pointing at
+``build/metrics/<notebook>.json`` so its ``record_metric`` calls are collected. The report lists each notebook's
+status, wall time and recorded metrics; the exit code is non-zero when any notebook failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .report import METRICS_ENV
+
+
+@dataclass
+class NotebookRun:
+    """The outcome of executing one notebook."""
+
+    notebook: str
+    ok: bool
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None) -> NotebookRun:
+    """Execute ``path`` with papermill into ``out_dir`` (outputs kept there) and collect its metrics."""
+    path = Path(path).resolve()
+    out_dir = Path(out_dir).resolve()
+    metrics_file = out_dir / "metrics" / f"{path.stem}.json"
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "papermill", str(path), str(out_dir / path.name), "--cwd", str(path.parent),
+           "--kernel", "python3", "--log-output", "--no-progress-bar"]
+    for k, v in (parameters or {}).items():
+        cmd += ["-p", k, str(v)]
+    env = {**os.environ, METRICS_ENV: str(metrics_file)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    (out_dir / f"{path.stem}.log").write_text(proc.stdout + proc.stderr)
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    error = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
+    return NotebookRun(path.name, proc.returncode == 0, seconds, metrics, error)
+
+
+def write_report(runs: list[NotebookRun], out: Path) -> Path:
+    """Write the markdown course report: one row per notebook, then each notebook's metrics."""
+    lines = ["# Course report", "", f"Executed with papermill on {os.uname().nodename if hasattr(os, 'uname') else ''}"
+             f" ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M')}.", "",
+             "| notebook | status | wall time (s) | metrics |", "|---|---|---|---|"]
+    for r in runs:
+        status = "ok" if r.ok else f"FAILED: {r.error}"
+        lines.append(f"| {r.notebook} | {status} | {r.seconds:.0f} | {len(r.metrics)} |")
+    for r in runs:
+        lines += ["", f"## {r.notebook}", ""]
+        lines += [f"- `{k}`: {v}" for k, v in sorted(r.metrics.items())] or ["(no metrics recorded)"]
+    path = Path(out) / "course-report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("build"))
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="papermill parameter for every notebook, e.g. -p PROFILE cpu")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    params = dict(args.parameter)
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        runs = list(pool.map(lambda nb: run_notebook(nb, args.out, params), sorted(args.notebooks)))
+    for r in runs:
+        print(f"{'ok    ' if r.ok else 'FAILED'} {r.notebook:40s} {r.seconds:6.0f} s  {r.error}")
+    print(f"report: {write_report(runs, args.out)}")
+    return 0 if all(r.ok for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

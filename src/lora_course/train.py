@@ -1,0 +1,66 @@
+"""Training loops the chapters share.
+
+``train_steps`` is the plain PyTorch loop (AdamW, assistant-only loss, fixed seed) that chapter 1's from-scratch
+LoRA and quick checks use; it trains whatever parameters have ``requires_grad`` set, so it serves a
+hand-made LoRA, a peft model or full fine-tuning alike.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .data import collate, tokenize_example
+
+
+@dataclass
+class TrainLog:
+    """Per-step losses and timing of a run."""
+
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def sec_per_step(self) -> float:
+        return self.seconds / max(len(self.losses), 1)
+
+
+def train_steps(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: int = 40,
+                batch_size: int = 8, lr: float = 1e-3, seed: int = 0, max_length: int = 128,
+                log_every: int = 0, weight_decay: float = 0.0) -> TrainLog:
+    """Train the model's trainable parameters for ``steps`` AdamW steps on shuffled ``examples``.
+
+    Batches cycle through a seeded shuffle of the data; the loss is on the answer tokens only.
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: add LoRA layers (or unfreeze some) first")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    feats = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
+    order: list[int] = []
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device = params[0].device
+    log = TrainLog()
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if len(order) < batch_size:
+            more = list(range(len(feats)))
+            rng.shuffle(more)
+            order += more
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx], tokenizer.pad_token_id).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log.losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1:4d}  loss {loss.item():.4f}  ({time.perf_counter() - t0:.0f} s)")
+    log.seconds = time.perf_counter() - t0
+    model.eval()
+    return log
