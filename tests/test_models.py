@@ -53,7 +53,7 @@ def test_cpu_model_answers(cpu_model):
     from lora_course.evaluate import generate
 
     model, tok = cpu_model
-    assert model.lora_course_info.n_params == 134_515_008
+    assert model.lora_course_info.n_params == 134_515_008 and model.lora_course_info.pretrained
     reply = generate(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]], 12)[0]
     assert "Paris" in reply
 
@@ -63,6 +63,7 @@ def test_tiny_profile_shares_the_tokenizer(tiny, cpu_tokenizer):
     assert model.config.num_hidden_layers == 2 and model.config.vocab_size == len(cpu_tokenizer)
     assert tok.get_vocab() == cpu_tokenizer.get_vocab()
     assert model.lora_course_info.profile == "tiny" and model.lora_course_info.n_params < 5_000_000
+    assert model.lora_course_info.pretrained is False
 
 
 def test_unknown_profile_is_named():

