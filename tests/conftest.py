@@ -27,3 +27,15 @@ def cpu_tokenizer():
     from lora_course.models import cpu_model_dir, prepare_tokenizer
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(cpu_model_dir()))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped (with the reason) where there is none, run by `make test-gpu`."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `make test-gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

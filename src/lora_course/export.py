@@ -1,0 +1,1221 @@
+"""Merge a LoRA adapter, export to GGUF, quantize, check parity against transformers, serve, and write a Modelfile.
+
+The path from a fine-tuned adapter to a file that llama.cpp, llama-cpp-python's server and Ollama run:
+
+- ``merge_adapter``: peft's ``merge_and_unload`` into a plain transformers folder (safetensors, tokenizer, chat
+  template), written to a temporary sibling and renamed, then checked to convert correctly;
+- ``to_gguf``: llama.cpp's own converter, ``convert_hf_to_gguf.py``, run as a subprocess. It is taken from the
+  source distribution of the pinned llama-cpp-python (``vendor/llama.cpp``), so the converter and the runtime
+  that loads its output are the same llama.cpp revision. ``fetch_converter`` extracts it once into the course
+  cache behind a file lock (``python -m lora_course.export --fetch-converter``; never committed);
+- ``quantize``: ``llama_cpp.llama_model_quantize`` (the C API behind ``llama-quantize``), reporting which tensors
+  were stored in another type than asked (read back with ``gguf.GGUFReader``);
+- ``lora_to_gguf``: llama.cpp's ``convert_lora_to_gguf.py``, so an adapter is applied at load time without merging
+  (``llama_cpp.Llama(model_path=base, lora_path=adapter)``);
+- ``check_parity``: tokenizer parity, teacher-forced top-1 agreement and KL divergence, greedy-prefix agreement;
+- ``serve``: ``python -m llama_cpp.server`` (OpenAI-compatible) on 127.0.0.1 with a bounded start-up wait;
+- ``write_modelfile`` / ``check_modelfile``: an Ollama Modelfile whose TEMPLATE is derived from the tokenizer's
+  own chat template, validated by rendering both (a small renderer for the Go-template subset emitted here).
+
+Why refuse some tokenizers: ``convert_hf_to_gguf.py`` stores a ``tokenizer.json`` that is BPE with byte fallback
+and a ``Sequence`` decoder as a SentencePiece-style vocabulary (``tokenizer.ggml.model = "llama"``). llama.cpp
+then looks up byte tokens such as ``<0x0A>`` while loading; a byte-level BPE vocabulary dressed up that way (what
+transformers' GGUF loader produces for SmolLM2) has none, and llama.cpp aborts with ``std::out_of_range``.
+
+Sources: llama.cpp ``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, ``conversion/`` and ``gguf-py``
+(https://github.com/ggml-org/llama.cpp, vendored in llama-cpp-python 0.3.36); ``llama.h`` (``llama_ftype``,
+``llama_model_quantize``); the Ollama Modelfile reference (https://github.com/ollama/ollama/blob/main/docs/modelfile.md)
+and Go's ``text/template`` (https://pkg.go.dev/text/template).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .paths import cache_dir
+
+LLAMA_CPP_DIST = "llama-cpp-python"
+LLAMA_CPP_PIN = "0.3.36"
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "LICENSE")
+CONVERTER_DIRS = ("conversion", "gguf-py")
+CONVERTER_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
+_MARKER = "COMPLETE.json"
+
+
+class ExportError(RuntimeError):
+    """An export step cannot be done; the message says why and what to do."""
+
+
+class UnsupportedArchitectureError(ExportError):
+    """llama.cpp's converter has no converter class for the model's architecture."""
+
+
+class TokenizerError(ExportError):
+    """The tokenizer is missing, or would be stored in a form llama.cpp cannot load."""
+
+
+class OutputExistsError(ExportError, FileExistsError):
+    """The destination exists and ``overwrite=True`` was not given."""
+
+
+class UnknownQuantizationError(ExportError, ValueError):
+    """The quantization name is not one of llama.cpp's ``llama_ftype`` names."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _threads() -> int:
+    """Threads for llama.cpp: ``OMP_NUM_THREADS`` when set (the course runs one per process), else all cores."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
+
+
+def _check_destination(out_path: Path, overwrite: bool) -> Path:
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise OutputExistsError(f"{out_path} already exists: pass overwrite=True to replace it")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return out_path
+
+
+@contextlib.contextmanager
+def _atomic_path(out_path: Path) -> Iterator[Path]:
+    """A temporary sibling to write to; renamed onto ``out_path`` only if the block succeeds, else removed.
+
+    A sibling (same folder, same file system) makes the final ``os.replace`` atomic, so a failed or interrupted
+    export never leaves a partial file at the destination.
+    """
+    out_path = Path(out_path)
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    try:
+        yield tmp
+        if out_path.is_dir() and not tmp.is_dir():
+            shutil.rmtree(out_path)
+        elif out_path.is_dir():
+            old = out_path.parent / f".{out_path.name}.old-{os.getpid()}"
+            os.replace(out_path, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out_path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def file_size_mib(path: Path) -> float:
+    """Size of a file in MiB (tables of export sizes)."""
+    return Path(path).stat().st_size / 2**20
+
+
+# ------------------------------------------------------------------------------------------- the converter
+def converter_dir(version: str = LLAMA_CPP_PIN) -> Path:
+    """Where the extracted llama.cpp converter of llama-cpp-python ``version`` lives in the course cache."""
+    return cache_dir() / "llama.cpp-converter" / f"llama-cpp-python-{version}"
+
+
+def _converter_complete(path: Path) -> bool:
+    return (path / _MARKER).exists() and all((path / f).exists() for f in CONVERTER_FILES[:2]) \
+        and all((path / d).is_dir() for d in CONVERTER_DIRS)
+
+
+def _download_sdist(version: str, dest: Path) -> Path:
+    """``pip download`` the source distribution of the pinned llama-cpp-python (no build, no dependencies).
+
+    ``--no-binary llama-cpp-python`` forces the sdist of that one package; ``:all:`` would also force the build
+    backend's own dependencies from source, which pip then builds just to read metadata (slow, same tarball).
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_CPP_DIST,
+           f"{LLAMA_CPP_DIST}=={version}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise ExportError(f"could not download the llama-cpp-python {version} source distribution "
+                          f"({' '.join(cmd)}):\n{proc.stderr[-2000:]}\nGive a local copy with "
+                          "fetch_converter(sdist=...) or LORA_COURSE_LLAMA_SDIST=<path to the .tar.gz>.")
+    return found[0]
+
+
+def _extract_converter(sdist: Path, out: Path) -> None:
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = []
+        for m in tar.getmembers():
+            parts = Path(m.name).parts
+            if len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp"):
+                continue
+            rel = Path(*parts[3:])
+            if (len(rel.parts) == 1 and rel.name in CONVERTER_FILES) or rel.parts[0] in CONVERTER_DIRS:
+                if not (m.isfile() or m.isdir()):
+                    continue
+                m.name = str(rel)
+                members.append(m)
+        if not any(m.name == "convert_hf_to_gguf.py" for m in members):
+            raise ExportError(f"{sdist} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(out, members=members, **kwargs)
+
+
+def fetch_converter(version: str = LLAMA_CPP_PIN, sdist: Path | None = None) -> Path:
+    """Extract llama.cpp's converter scripts from the pinned llama-cpp-python sdist into the cache (once).
+
+    Why from the sdist: the wheel does not ship the Python converter, and the copy vendored with the runtime is
+    the one whose GGUF output that runtime is known to load. Built in a temporary sibling behind a file lock and
+    published by an atomic rename, so parallel notebooks never see a half-extracted converter.
+    """
+    from filelock import FileLock
+
+    final = converter_dir(version)
+    if _converter_complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        if _converter_complete(final):
+            return final
+        _remove(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        _remove(tmp)
+        try:
+            with tempfile.TemporaryDirectory(prefix="llama-sdist-") as dl:
+                local = sdist or os.environ.get("LORA_COURSE_LLAMA_SDIST")
+                src = Path(local) if local else _download_sdist(version, Path(dl))
+                _extract_converter(src, tmp)
+            (tmp / _MARKER).write_text(json.dumps({"llama-cpp-python": version, "sdist": src.name}, indent=1))
+            os.replace(tmp, final)
+        finally:
+            _remove(tmp)
+    return final
+
+
+def _converter_env(conv: Path) -> dict[str, str]:
+    """``convert_hf_to_gguf.py`` imports its sibling package ``conversion/`` and the vendored ``gguf-py``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(conv / "gguf-py"), str(conv)] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def supported_architectures(conv: Path | None = None) -> set[str]:
+    """The Hugging Face architectures the converter can convert (its ``TEXT_MODEL_MAP``, read without importing)."""
+    conv = conv or fetch_converter()
+    tree = ast.parse((conv / "conversion" / "__init__.py").read_text())
+    for node in ast.walk(tree):
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and node.value is not None:
+            return set(ast.literal_eval(node.value).keys())
+    raise ExportError(f"cannot read TEXT_MODEL_MAP from {conv / 'conversion' / '__init__.py'}")
+
+
+def _run_converter(cmd: list[str], conv: Path, what: str, timeout: float) -> None:
+    try:
+        proc = subprocess.run(cmd, env=_converter_env(conv), capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired as e:
+        raise ExportError(f"{what} did not finish within {timeout:.0f} s") from e
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise ExportError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+# --------------------------------------------------------------------------------------- tokenizer checks
+def _byte_tokens_missing(vocab: dict[str, int] | Sequence[str]) -> list[str]:
+    names = set(vocab)
+    return [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in names]
+
+
+def check_tokenizer_files(model_dir: Path) -> str:
+    """Check the tokenizer of ``model_dir`` before conversion; returns the GGUF form it will take.
+
+    Returns ``"sentencepiece"`` (tokenizer.model), ``"llama-bpe-fallback"`` (tokenizer.json stored as a
+    SentencePiece-style vocabulary) or ``"gpt2"`` (byte-level BPE, llama.cpp's ``gpt2`` model with a named
+    pre-tokenizer). Raises ``TokenizerError`` when the files are missing or when the converter would write a
+    vocabulary llama.cpp aborts on while loading.
+    """
+    model_dir = Path(model_dir)
+    tj, spm = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
+    if not tj.exists() and not spm.exists():
+        raise TokenizerError(
+            f"{model_dir} has no tokenizer (neither tokenizer.json nor tokenizer.model): the GGUF must embed the "
+            "tokenizer. Save it next to the weights: tokenizer.save_pretrained(model_dir).")
+    if not (model_dir / "tokenizer_config.json").exists():
+        raise TokenizerError(f"{model_dir} has no tokenizer_config.json (special tokens, chat template): "
+                             "save the tokenizer with tokenizer.save_pretrained(model_dir)")
+    if spm.exists():
+        return "sentencepiece"
+    data = json.loads(tj.read_text())
+    model = data.get("model", {})
+    decoder = data.get("decoder") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback") and decoder.get("type") == "Sequence":
+        missing = _byte_tokens_missing(model.get("vocab", {}))
+        if missing:
+            raise TokenizerError(
+                f"{tj} is BPE with byte_fallback and a Sequence decoder, which convert_hf_to_gguf.py stores as a "
+                f"SentencePiece-style vocabulary (tokenizer.ggml.model='llama'), but it has no byte tokens "
+                f"({len(missing)} of 256 missing, e.g. {missing[0]}): llama.cpp would abort while loading it "
+                "(std::out_of_range looking up the newline byte token). This is what transformers' GGUF loader "
+                "makes of a byte-level BPE tokenizer; restore the model's own tokenizer (for SmolLM2, "
+                "lora_course.models.build_tokenizer_from_gguf) and save it with save_pretrained.")
+        return "llama-bpe-fallback"
+    return "gpt2"
+
+
+def gguf_tokenizer_summary(gguf_path: Path) -> dict[str, Any]:
+    """The tokenizer as stored in a GGUF file: model, pre-tokenizer, vocab size, special token ids, template."""
+    from gguf import GGUFReader
+
+    f = GGUFReader(str(gguf_path)).fields
+
+    def get(key: str) -> Any:
+        return f[key].contents() if key in f else None
+
+    tokens = get("tokenizer.ggml.tokens") or []
+    return {"model": get("tokenizer.ggml.model"), "pre": get("tokenizer.ggml.pre"), "n_vocab": len(tokens),
+            "bos": get("tokenizer.ggml.bos_token_id"), "eos": get("tokenizer.ggml.eos_token_id"),
+            "chat_template": get("tokenizer.chat_template") is not None,
+            "byte_tokens_missing": len(_byte_tokens_missing(tokens)) if tokens else 256}
+
+
+def _check_gguf_tokenizer(gguf_path: Path) -> None:
+    summary = gguf_tokenizer_summary(gguf_path)
+    if summary["model"] == "llama" and summary["byte_tokens_missing"]:
+        raise TokenizerError(
+            f"the converter stored the tokenizer as tokenizer.ggml.model='llama' (pre={summary['pre']!r}) "
+            f"without byte tokens such as <0x0A>: llama.cpp would abort while loading it (std::out_of_range).")
+
+
+# ------------------------------------------------------------------------------------------------- merge
+def merge_adapter(base: str | Path, adapter_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
+                  dtype: Any = None) -> Path:
+    """Merge a peft LoRA adapter into its base model and save a plain transformers folder (safetensors).
+
+    ``base`` is a local folder or hub id of the base model (the adapter's ``base_model_name_or_path`` is not
+    trusted: adapters trained on a cached copy record a path that may not exist elsewhere). The merged weights
+    are ``W + (alpha/r) B A`` in fp32 unless ``dtype`` says otherwise. The tokenizer is saved from the base (the
+    adapter's copy if it has one), with its chat template and special tokens, and checked to convert into a form
+    llama.cpp loads. Written to a temporary sibling and renamed: a failed merge leaves nothing at ``out_dir``.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ExportError(f"{adapter_dir} has no adapter_config.json: give the folder written by "
+                          "peft_model.save_pretrained(...)")
+    _check_destination(out_dir, overwrite)
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(tok_src))
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with _atomic_path(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        check_tokenizer_files(tmp)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------- conversion
+def to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", overwrite: bool = False,
+            timeout: float = 1800) -> Path:
+    """Convert a transformers folder to GGUF with llama.cpp's own ``convert_hf_to_gguf.py``.
+
+    ``outtype`` is one of the converter's: f32 (the parity baseline), f16, bf16, q8_0, auto. The architecture and
+    tokenizer are checked first (clear errors instead of a converter traceback), the file is written to a
+    temporary sibling, its stored tokenizer is checked again, then it is renamed into place.
+    """
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if outtype not in CONVERTER_OUTTYPES:
+        raise UnknownQuantizationError(f"outtype {outtype!r} is not one of the converter's "
+                                       f"{', '.join(CONVERTER_OUTTYPES)}; for k-quants use quantize()")
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.exists():
+        raise ExportError(f"{model_dir} has no config.json: give a folder written by save_pretrained")
+    conv = fetch_converter()
+    archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    supported = supported_architectures(conv)
+    if not archs or archs[0] not in supported:
+        raise UnsupportedArchitectureError(
+            f"architecture {archs[0] if archs else None!r} of {model_dir} is not supported by llama.cpp's "
+            f"convert_hf_to_gguf.py (llama-cpp-python {LLAMA_CPP_PIN}); it converts {len(supported)} "
+            f"architectures, e.g. LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM.")
+    check_tokenizer_files(model_dir)
+    _check_destination(out_path, overwrite)
+    with _atomic_path(out_path) as tmp:
+        _run_converter([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
+                        str(tmp), "--outtype", outtype], conv, f"convert_hf_to_gguf.py on {model_dir}", timeout)
+        if not tmp.exists():
+            raise ExportError(f"convert_hf_to_gguf.py wrote no file at {tmp}")
+        _check_gguf_tokenizer(tmp)
+    return out_path
+
+
+def lora_to_gguf(adapter_dir: str | Path, base_dir: str | Path, out_path: str | Path, outtype: str = "f32",
+                 overwrite: bool = False, timeout: float = 900) -> Path:
+    """Convert a peft LoRA adapter to a GGUF adapter with llama.cpp's ``convert_lora_to_gguf.py``.
+
+    Why: llama.cpp applies it at load time (``Llama(model_path=base_gguf, lora_path=...)``), so one base file
+    serves many adapters of a few MB each, without a merged copy of the whole model per adapter.
+    """
+    adapter_dir, base_dir, out_path = Path(adapter_dir), Path(base_dir), Path(out_path)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ExportError(f"{adapter_dir} has no adapter_config.json: give a peft save_pretrained folder")
+    if not (base_dir / "config.json").exists():
+        raise ExportError(f"{base_dir} has no config.json: give the base model's transformers folder")
+    if outtype not in CONVERTER_OUTTYPES:
+        raise UnknownQuantizationError(f"outtype {outtype!r} is not one of {', '.join(CONVERTER_OUTTYPES)}")
+    conv = fetch_converter()
+    _check_destination(out_path, overwrite)
+    with _atomic_path(out_path) as tmp:
+        _run_converter([sys.executable, str(conv / "convert_lora_to_gguf.py"), str(adapter_dir), "--base",
+                        str(base_dir), "--outfile", str(tmp), "--outtype", outtype], conv,
+                       f"convert_lora_to_gguf.py on {adapter_dir}", timeout)
+        if not tmp.exists():
+            raise ExportError(f"convert_lora_to_gguf.py wrote no file at {tmp}")
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------- quantization
+def quantization_types() -> dict[str, int]:
+    """llama.cpp's quantization names (``llama_ftype``) and their ids, e.g. ``{"Q8_0": 7, "Q4_K_M": 15}``."""
+    import llama_cpp
+
+    names = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32}
+    for attr in dir(llama_cpp):
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
+            names[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = getattr(llama_cpp, attr)
+    return names
+
+
+def _target_tensor_type(qtype: str) -> Any:
+    """The ggml tensor type a quantization name aims for (Q4_K_M -> Q4_K), or None when it is a mixture."""
+    from gguf import GGMLQuantizationType as T
+
+    base = re.sub(r"_K_[SML]$", "_K", qtype)
+    return T.__members__.get(base)
+
+
+@dataclass
+class TensorType:
+    """One tensor stored in another type than the quantization asked for, and why."""
+
+    name: str
+    shape: tuple[int, ...]
+    stored: str
+    reason: str
+
+
+@dataclass
+class QuantizeReport:
+    """A quantized GGUF: its size, bits per weight and the tensors kept in another type than asked."""
+
+    path: Path
+    qtype: str
+    size_mib: float
+    bits_per_weight: float
+    n_tensors: int
+    other_types: list[TensorType] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def type_counts(self) -> dict[str, int]:
+        """How many tensors were stored in each other type."""
+        counts: dict[str, int] = {}
+        for t in self.other_types:
+            counts[t.stored] = counts.get(t.stored, 0) + 1
+        return counts
+
+    def __str__(self) -> str:
+        lines = [(f"{self.path.name}: {self.qtype}, {self.size_mib:.1f} MiB, {self.bits_per_weight:.2f} bits/weight, "
+                 f"{len(self.other_types)} of {self.n_tensors} tensors in another type ({self.seconds:.1f} s)")]
+        if self.other_types:
+            lines.append(f"  {'tensor':<28} {'shape':<14} {'stored':<7} reason")
+            for t in self.other_types:
+                lines.append(f"  {t.name:<28} {t.shape!s:<14} {t.stored:<7} {t.reason}")
+        return "\n".join(lines)
+
+
+def gguf_tensor_stats(gguf_path: str | Path) -> tuple[int, int, list[tuple[str, tuple[int, ...], str]]]:
+    """``(total elements, total bytes, [(name, shape, type)])`` of a GGUF file's tensors (shape: ggml order)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    rows = [(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors]
+    return (sum(int(t.n_elements) for t in reader.tensors), sum(int(t.n_bytes) for t in reader.tensors), rows)
+
+
+def _why(shape: tuple[int, ...], stored: str, target: Any, qtype: str) -> str:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if len(shape) == 1 or (len(shape) > 1 and all(s == 1 for s in shape[1:])):
+        return "1-D (norm): llama.cpp keeps these in F32"
+    if target is not None:
+        block = GGML_QUANT_SIZES[target][0]
+        if shape[0] % block:
+            return f"row of {shape[0]} is not a multiple of {target.name}'s block of {block}: fallback type"
+    return f"{qtype}'s recipe keeps this tensor in higher precision by design"
+
+
+def quantize(gguf_path: str | Path, out_path: str | Path, qtype: str = "Q8_0", nthread: int | None = None,
+             overwrite: bool = False) -> QuantizeReport:
+    """Quantize an f32/f16 GGUF with ``llama_cpp.llama_model_quantize`` (what ``llama-quantize`` runs).
+
+    ``qtype`` is a ``llama_ftype`` name: F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ... Tensors that end up in
+    another type than asked are reported: 1-D norms stay F32, k-quant recipes mix types on purpose (Q4_K_M puts
+    some in Q6_K), and a k-quant needs rows that are a multiple of 256, so narrower tensors fall back to another
+    type (SmolLM2's hidden size 576 is not). Written to a temporary sibling and renamed.
+    """
+    import llama_cpp
+
+    gguf_path, out_path = Path(gguf_path), Path(out_path)
+    types = quantization_types()
+    key = qtype.upper()
+    if key not in types:
+        raise UnknownQuantizationError(
+            f"unknown quantization {qtype!r}: llama.cpp knows {', '.join(sorted(types))}")
+    if not gguf_path.exists():
+        raise ExportError(f"{gguf_path} does not exist: convert the model with to_gguf first")
+    _check_destination(out_path, overwrite)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = types[key]
+    params.nthread = nthread or _threads()
+    t0 = time.perf_counter()
+    log = logging.getLogger("llama-cpp-python")  # llama.cpp logs every tensor while quantizing: keep errors only
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with _atomic_path(out_path) as tmp:
+            rc = llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(tmp).encode(), params)
+            if rc != 0 or not tmp.exists():
+                raise ExportError(f"llama_model_quantize({gguf_path.name} -> {key}) failed with code {rc}")
+    finally:
+        log.setLevel(level)
+    seconds = time.perf_counter() - t0
+    n_el, n_bytes, rows = gguf_tensor_stats(out_path)
+    target = _target_tensor_type(key)
+    other = [TensorType(name, shape, stored, _why(shape, stored, target, key))
+             for name, shape, stored in rows if target is None or stored != target.name]
+    return QuantizeReport(out_path, key, file_size_mib(out_path), 8 * n_bytes / max(n_el, 1), len(rows), other,
+                          seconds)
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+def load_gguf(gguf_path: str | Path, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = False,
+              lora_path: str | Path | None = None, **kwargs: Any) -> Any:
+    """A quiet ``llama_cpp.Llama`` on the CPU with the course's thread count (``OMP_NUM_THREADS``)."""
+    from llama_cpp import Llama
+
+    n = n_threads or _threads()
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n, n_threads_batch=n, logits_all=logits_all,
+                 lora_path=str(lora_path) if lora_path else None, verbose=False, seed=0, **kwargs)
+
+
+def gguf_greedy(llm: Any, prompt_ids: Sequence[int], max_new_tokens: int,
+                stop_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy continuation of ``prompt_ids`` in llama.cpp (temperature 0), stopping at ``stop_ids``."""
+    llm.reset()
+    out: list[int] = []
+    for tok in llm.generate(list(prompt_ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        if tok in stop_ids:
+            break
+        out.append(int(tok))
+        if len(out) >= max_new_tokens:
+            break
+    return out
+
+
+def gguf_chat(llm: Any, tokenizer: Any, conversations: list[list[dict[str, str]]],
+              max_new_tokens: int = 32) -> list[str]:
+    """Greedy chat replies from a GGUF model, prompts rendered by the transformers chat template.
+
+    The same prompt text as ``lora_course.evaluate.generate`` and the same decoding (greedy, stop at eos), so a
+    task metric computed on these replies compares with the transformers model's.
+    """
+    from .evaluate import chat_prompts
+
+    stops = {tokenizer.eos_token_id, llm.token_eos()}
+    replies = []
+    for text in chat_prompts(tokenizer, conversations):
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        new = gguf_greedy(llm, ids, max_new_tokens, tuple(s for s in stops if s is not None))
+        replies.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return replies
+
+
+def evaluate_gguf(gguf_path: str | Path, tokenizer: Any, task: str, examples: list[dict[str, Any]],
+                  n_threads: int | None = None, llm: Any = None) -> Any:
+    """The task metric of a GGUF model on ``examples``: an ``EvalResult`` like ``evaluate_task`` (no perplexity)."""
+    from .data import prompt_messages
+    from .evaluate import MAX_NEW_TOKENS, EvalResult, score
+
+    llm = llm or load_gguf(gguf_path, n_threads=n_threads)
+    outputs = gguf_chat(llm, tokenizer, [prompt_messages(ex) for ex in examples], MAX_NEW_TOKENS[task])
+    return EvalResult(task, score(task, outputs, examples), None, outputs)
+
+
+# ------------------------------------------------------------------------------------------------- parity
+@dataclass
+class HFReference:
+    """transformers' side of a parity check, computed once and compared with several GGUF files."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    log_probs: list[Any]  # one (n_tokens, vocab) float64 array per text
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    greedy_ids: list[list[int]]
+    max_new_tokens: int
+
+
+def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequence[str],
+                 max_new_tokens: int = 32) -> HFReference:
+    """Teacher-forced log-probabilities over ``texts`` and greedy continuations of ``prompts`` in transformers.
+
+    ``hf`` is a loaded model or a folder; prompts are raw text (render chat templates first) tokenized without
+    special tokens added. Greedy continuations run exactly ``max_new_tokens`` (end of sequence suppressed), so the
+    comparison covers the same number of tokens whatever the model says.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32) if isinstance(hf, (str, Path)) \
+        else hf
+    model.eval()
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    pids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    lps, greedy = [], []
+    with torch.inference_mode():
+        for row in ids:
+            logits = model(torch.tensor([row])).logits[0].double()
+            lps.append(torch.log_softmax(logits, -1).numpy().astype(np.float64))
+        for row in pids:
+            out = model.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+            greedy.append(out[0, len(row):].tolist())
+    return HFReference(list(texts), ids, lps, list(prompts), pids, greedy, max_new_tokens)
+
+
+@dataclass
+class ParityReport:
+    """How closely a GGUF model reproduces transformers on the same inputs."""
+
+    name: str
+    tokenizer_match: int
+    tokenizer_total: int
+    top1_agreement: float
+    mean_kl: float
+    max_kl: float
+    n_positions: int
+    greedy_prefix: list[int]
+    greedy_len: int
+    size_mib: float = 0.0
+
+    @property
+    def tokenizer_parity(self) -> float:
+        """Share of texts tokenized identically by llama.cpp and transformers."""
+        return self.tokenizer_match / max(self.tokenizer_total, 1)
+
+    @property
+    def greedy_agreement(self) -> float:
+        """Mean share of greedy tokens equal to transformers' before the first difference."""
+        return sum(self.greedy_prefix) / max(len(self.greedy_prefix) * self.greedy_len, 1)
+
+    def row(self) -> dict[str, Any]:
+        return {"model": self.name, "MiB": round(self.size_mib, 1),
+                "tokenizer": f"{self.tokenizer_match}/{self.tokenizer_total}",
+                "top-1 agree": f"{100 * self.top1_agreement:.1f}%", "mean KL": f"{self.mean_kl:.4f}",
+                "max KL": f"{self.max_kl:.3f}",
+                "greedy prefix": "/".join(str(p) for p in self.greedy_prefix) + f" of {self.greedy_len}"}
+
+    def __str__(self) -> str:
+        return format_table([self.row()])
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of dict rows (same keys), for printing in notebooks."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    width = {k: max(len(str(k)), *(len(str(r[k])) for r in rows)) for k in keys}
+    line = "  ".join(f"{k:<{width[k]}}" for k in keys)
+    sep = "  ".join("-" * width[k] for k in keys)
+    body = ["  ".join(f"{r[k]!s:<{width[k]}}" for k in keys) for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), prompts: Sequence[str] = (),
+                 tokenizer: Any = None, max_new_tokens: int = 32, n_threads: int | None = None,
+                 reference: HFReference | None = None, name: str | None = None,
+                 lora_path: str | Path | None = None) -> ParityReport:
+    """Compare a GGUF model with its transformers source on the same texts and prompts.
+
+    - tokenizer parity: llama.cpp's token ids equal transformers' for each text and prompt;
+    - teacher-forced next-token agreement (top-1) and KL(transformers || llama.cpp), mean and max over positions;
+    - greedy prefix: how many of ``max_new_tokens`` greedy tokens match before the first difference.
+
+    Pass ``reference`` (from ``hf_reference``) to reuse transformers' side for several files.
+    """
+    import numpy as np
+
+    if reference is None:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        reference = hf_reference(hf_dir, tokenizer, texts, prompts, max_new_tokens)
+    llm = load_gguf(gguf_path, n_ctx=512, n_threads=n_threads, logits_all=True, lora_path=lora_path)
+    tok_ok = 0
+    for text, want in zip(reference.texts + reference.prompts, reference.token_ids + reference.prompt_ids):
+        tok_ok += llm.tokenize(text.encode(), add_bos=False, special=True) == want
+    agree = n = 0
+    kls: list[float] = []
+    for row, ref in zip(reference.token_ids, reference.log_probs):
+        llm.reset()
+        llm.eval(row)
+        logits = np.asarray(llm.scores[:len(row)], dtype=np.float64)
+        logq = logits - logits.max(-1, keepdims=True)
+        logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+        kl = (np.exp(ref) * (ref - logq)).sum(-1)
+        kls.extend(kl.tolist())
+        agree += int((ref.argmax(-1) == logq.argmax(-1)).sum())
+        n += len(row)
+    prefix = []
+    for pid, want in zip(reference.prompt_ids, reference.greedy_ids):
+        got = gguf_greedy(llm, pid, reference.max_new_tokens)
+        k = 0
+        while k < min(len(got), len(want)) and got[k] == want[k]:
+            k += 1
+        prefix.append(k)
+    del llm
+    return ParityReport(name or Path(gguf_path).name, tok_ok, len(reference.texts) + len(reference.prompts),
+                        agree / max(n, 1), float(np.mean(kls)) if kls else math.nan,
+                        float(np.max(kls)) if kls else math.nan, n, prefix, reference.max_new_tokens,
+                        file_size_mib(gguf_path))
+
+
+# ------------------------------------------------------------------------------------------------- speed
+def hf_tokens_per_second(model: Any, tokenizer: Any, prompt: str, n_tokens: int = 64) -> float:
+    """transformers' greedy decoding speed (batch 1): new tokens per second after the prompt's prefill."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    kw = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.inference_mode():
+        model.generate(**ids, max_new_tokens=2, **kw)  # warm-up
+        t0 = time.perf_counter()
+        model.generate(**ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        model.generate(**ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, **kw)
+        t2 = time.perf_counter()
+    return (n_tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
+
+
+def gguf_tokens_per_second(gguf_path: str | Path, prompt_ids: Sequence[int], n_tokens: int = 64,
+                           n_threads: int | None = None) -> float:
+    """llama.cpp's greedy decoding speed (batch 1): new tokens per second after the prompt's prefill."""
+    llm = load_gguf(gguf_path, n_threads=n_threads)
+    gguf_greedy(llm, prompt_ids, 2)  # warm-up
+    t0 = time.perf_counter()
+    gguf_greedy(llm, prompt_ids, 1)
+    t1 = time.perf_counter()
+    got = gguf_greedy(llm, prompt_ids, n_tokens)
+    t2 = time.perf_counter()
+    del llm
+    return (len(got) - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ serving
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SERVER_PACKAGES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
+
+
+@contextlib.contextmanager
+def serve(gguf_path: str | Path, port: int | None = None, n_threads: int | None = None, n_ctx: int = 1024,
+          startup_timeout: float = 60.0) -> Iterator[str]:
+    """Run llama-cpp-python's OpenAI-compatible server on 127.0.0.1 for the ``with`` block; yields its base URL.
+
+    Bound to localhost only, with a bounded wait for start-up (the process is killed and its log shown if it does
+    not answer in time) and always stopped at the end of the block.
+    """
+    import importlib.util
+
+    missing = [p for p in SERVER_PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ExportError(f"llama_cpp.server needs {', '.join(missing)}: pip install 'llama-cpp-python[server]'")
+    port = port or _free_port()
+    n = n_threads or _threads()
+    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
+           "--port", str(port), "--n_threads", str(n), "--n_threads_batch", str(n), "--n_ctx", str(n_ctx)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise ExportError(f"llama_cpp.server exited with {proc.returncode}:\n"
+                                  f"{Path(log.name).read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ExportError(f"llama_cpp.server did not answer within {startup_timeout:.0f} s:\n"
+                                  f"{Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+
+
+def chat_completion(url: str, messages: list[dict[str, str]], max_tokens: int = 64, timeout: float = 60.0,
+                    **extra: Any) -> dict[str, Any]:
+    """POST one OpenAI-style chat completion (greedy unless told otherwise) and return the JSON response."""
+    body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, **extra}).encode()
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+# ---------------------------------------------------------------------------------------- Ollama Modelfile
+_PROBE = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "U1"},
+          {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+
+
+@dataclass(frozen=True)
+class TemplateFamily:
+    """A chat-template family: how to recognise its Jinja rendering and its Go template for Ollama."""
+
+    name: str
+    turn: Callable[[str, str], str]  # (role, content) -> rendered turn
+    generation_prompt: str
+    end_of_turn: tuple[str, ...]
+    go_turn: str  # the Go template of one message, with .Role / .Content
+
+
+FAMILIES: tuple[TemplateFamily, ...] = (
+    TemplateFamily("chatml", lambda r, c: f"<|im_start|>{r}\n{c}<|im_end|>\n", "<|im_start|>assistant\n",
+                   ("<|im_end|>",), "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"),
+)
+
+
+def _render_jinja(tokenizer: Any, messages: list[dict[str, str]], template: str | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         chat_template=template)
+
+
+def detect_template(tokenizer: Any) -> tuple[TemplateFamily, str | None, str]:
+    """``(family, default system prompt or None, prefix)`` of the tokenizer's chat template, found by rendering.
+
+    Probing the rendered output (not parsing the Jinja source) recognises any template that produces the family's
+    format; ``prefix`` is what precedes the first turn (e.g. a BOS token) and must be empty for Ollama here.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ExportError("the tokenizer has no chat template: Ollama needs one to format conversations")
+    full = _render_jinja(tokenizer, _PROBE)
+    for fam in FAMILIES:
+        body = "".join(fam.turn(m["role"], m["content"]) for m in _PROBE) + fam.generation_prompt
+        if not full.endswith(body):
+            continue
+        prefix = full[: -len(body)]
+        bare = _render_jinja(tokenizer, _PROBE[1:])
+        rest = "".join(fam.turn(m["role"], m["content"]) for m in _PROBE[1:]) + fam.generation_prompt
+        if not bare.startswith(prefix) or not bare.endswith(rest):
+            continue
+        default = bare[len(prefix): -len(rest)]
+        if not default:
+            return fam, None, prefix
+        m = re.fullmatch(re.escape(fam.turn("system", "\x00")).replace("\\x00", "\x00").replace("\x00", "(.*)"),
+                         default, re.DOTALL)
+        if m:
+            return fam, m.group(1), prefix
+    raise ExportError("unsupported chat template: write_modelfile knows the "
+                      f"{', '.join(f.name for f in FAMILIES)} families; render of a probe conversation:\n{full!r}")
+
+
+def go_template(tokenizer: Any) -> str:
+    """The Ollama TEMPLATE (Go ``text/template`` over ``.Messages``) equivalent to the tokenizer's chat template."""
+    fam, default_system, prefix = detect_template(tokenizer)
+    if prefix:
+        raise ExportError(f"the chat template starts with {prefix!r} before the first turn; "
+                          "this Go-template writer supports templates without a prefix")
+    head = ""
+    if default_system is not None:
+        sys_turn = fam.go_turn.replace("{{ .Role }}", "system").replace("{{ .Content }}", default_system)
+        head = ('{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}' + sys_turn + "{{ end }}\n")
+    return head + "{{- range .Messages }}" + fam.go_turn + "{{ end }}" + fam.generation_prompt
+
+
+def end_of_turn_tokens(tokenizer: Any) -> list[str]:
+    """Every token that ends an assistant turn: the family's end-of-turn marker(s) and the tokenizer's eos."""
+    fam, _, _ = detect_template(tokenizer)
+    stops = list(fam.end_of_turn)
+    if tokenizer.eos_token and tokenizer.eos_token not in stops:
+        stops.append(tokenizer.eos_token)
+    return stops
+
+
+def _quote(value: str) -> str:
+    if '"""' in value:
+        raise ExportError('a Modelfile value may not contain """')
+    return f'"""{value}"""'
+
+
+def write_modelfile(gguf_path: str | Path, tokenizer: Any, out_path: str | Path, system: str | None = None,
+                    parameters: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write an Ollama Modelfile for ``gguf_path`` built from the tokenizer's own chat template and specials.
+
+    FROM the GGUF (relative when it sits next to the Modelfile), TEMPLATE in Ollama's Go-template syntax
+    equivalent to the Jinja chat template, a ``PARAMETER stop`` for every end-of-turn token (else Ollama keeps
+    generating past the turn), optional SYSTEM and other PARAMETERs. Check it with ``check_modelfile``.
+    """
+    gguf_path, out_path = Path(gguf_path), Path(out_path)
+    _check_destination(out_path, overwrite)
+    try:
+        src = "./" + str(gguf_path.resolve().relative_to(out_path.parent.resolve()))
+    except ValueError:
+        src = str(gguf_path.resolve())
+    lines = [f"# Ollama Modelfile written by lora_course.export from {gguf_path.name}", f"FROM {src}",
+             f"TEMPLATE {_quote(go_template(tokenizer))}"]
+    if system is not None:
+        lines.append(f"SYSTEM {_quote(system)}")
+    for stop in end_of_turn_tokens(tokenizer):
+        lines.append(f'PARAMETER stop "{stop}"')
+    for key, value in (parameters or {}).items():
+        lines.append(f"PARAMETER {key} {value}")
+    with _atomic_path(out_path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return out_path
+
+
+def parse_modelfile(text: str) -> dict[str, Any]:
+    """The instructions of a Modelfile: ``{"FROM": str, "TEMPLATE": str, "SYSTEM": str, "PARAMETER": [(k, v)]}``."""
+    out: dict[str, Any] = {"PARAMETER": []}
+    pos = 0
+    pattern = re.compile(r'^(FROM|TEMPLATE|SYSTEM|PARAMETER|ADAPTER|LICENSE|MESSAGE)\s+', re.MULTILINE | re.IGNORECASE)
+    while (m := pattern.search(text, pos)):
+        cmd, start = m.group(1).upper(), m.end()
+        if text.startswith('"""', start):
+            end = text.index('"""', start + 3)
+            value, pos = text[start + 3:end], end + 3
+        else:
+            end = text.find("\n", start)
+            end = len(text) if end < 0 else end
+            value, pos = text[start:end].strip(), end
+        if cmd == "PARAMETER":
+            k, _, v = value.partition(" ")
+            v = v.strip()
+            out["PARAMETER"].append((k, v[1:-1] if len(v) > 1 and v[0] == v[-1] == '"' else v))
+        else:
+            out[cmd] = value
+    return out
+
+
+# A renderer for the subset of Go's text/template that go_template emits (and a little more): text, actions with
+# {{- -}} trimming, range over a list (with or without $i, $x :=), if/else/end, and pipelines of fields (.A, $.A,
+# $x.A, (expr).A), string/number literals and the functions eq, ne, not, and, or, index, len.
+_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
+
+
+def _go_parse(src: str) -> list[Any]:
+    items: list[Any] = []
+    pos = 0
+    pending_ltrim = False
+    for m in _ACTION.finditer(src):
+        text = src[pos:m.start()]
+        if pending_ltrim:
+            text = text.lstrip()
+        if m.group(1):
+            text = text.rstrip()
+        if text:
+            items.append(("text", text))
+        items.append(("action", m.group(2).strip()))
+        pending_ltrim = bool(m.group(3))
+        pos = m.end()
+    tail = src[pos:]
+    if pending_ltrim:
+        tail = tail.lstrip()
+    if tail:
+        items.append(("text", tail))
+    tree, rest = _go_block(items, 0)
+    if rest != len(items):
+        raise ExportError(f"unexpected {{{{ {items[rest][1]} }}}} in template")
+    return tree
+
+
+def _go_block(items: list[Any], i: int) -> tuple[list[Any], int]:
+    out: list[Any] = []
+    while i < len(items):
+        kind, val = items[i]
+        if kind == "text":
+            out.append(("text", val))
+            i += 1
+            continue
+        word = val.split(None, 1)[0] if val else ""
+        if word in ("end", "else"):
+            return out, i
+        if word in ("if", "range"):
+            body, j = _go_block(items, i + 1)
+            other: list[Any] = []
+            if j < len(items) and items[j][1] == "else":
+                other, j = _go_block(items, j + 1)
+            if j >= len(items) or items[j][1] != "end":
+                raise ExportError(f"{{{{ {val} }}}} has no {{{{ end }}}}")
+            out.append((word, val[len(word):].strip(), body, other))
+            i = j + 1
+            continue
+        out.append(("print", val))
+        i += 1
+    return out, i
+
+
+_TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|\(|\)|-?\d+|\$?[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|\$|\.(?:[A-Za-z_]\w*'
+                    r'(?:\.[A-Za-z_]\w*)*)?)')
+
+
+def _go_tokens(expr: str) -> list[str]:
+    toks, pos = [], 0
+    expr = expr.strip()
+    while pos < len(expr):
+        m = _TOKEN.match(expr, pos)
+        if not m or m.end() == pos:
+            raise ExportError(f"cannot parse template expression {expr!r} at {expr[pos:]!r}")
+        toks.append(m.group(1))
+        pos = m.end()
+        if pos < len(expr) and expr[pos] == "." and toks[-1] == ")":  # (expr).Field
+            m2 = re.match(r"\.[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*", expr[pos:])
+            if m2:
+                toks.append("@" + m2.group(0))
+                pos += m2.end()
+    return toks
+
+
+def _truthy(v: Any) -> bool:
+    return bool(v) if v is not None else False
+
+
+def _field(obj: Any, path: str) -> Any:
+    for name in [p for p in path.split(".") if p]:
+        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name)
+    return obj
+
+
+_GO_FUNCS: dict[str, Callable[..., Any]] = {
+    "eq": lambda a, *b: any(a == x for x in b), "ne": lambda a, b: a != b, "not": lambda a: not _truthy(a),
+    "index": lambda a, *k: _index(a, k), "len": lambda a: len(a),
+}
+
+
+def _index(a: Any, keys: tuple[Any, ...]) -> Any:
+    for k in keys:
+        a = a[k]
+    return a
+
+
+def _go_eval(toks: list[str], dot: Any, scope: dict[str, Any]) -> Any:
+    """Evaluate a command (``fn arg ...`` or a single operand) given as tokens."""
+    args, i = [], 0
+    while i < len(toks):
+        t = toks[i]
+        if t == "(":
+            depth, j = 1, i + 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(toks[j], 0)
+                j += 1
+            args.append(("value", _go_eval(toks[i + 1:j - 1], dot, scope)))
+            i = j
+            if i < len(toks) and toks[i].startswith("@"):
+                args[-1] = ("value", _field(args[-1][1], toks[i][1:]))
+                i += 1
+            continue
+        args.append(("tok", t))
+        i += 1
+    if not args:
+        raise ExportError("empty template expression")
+    head = args[0]
+    if head[0] == "tok" and head[1] in ("and", "or"):
+        result: Any = None
+        for a in args[1:]:
+            result = _go_operand(a, dot, scope)
+            if (head[1] == "and") != _truthy(result):
+                return result
+        return result
+    if head[0] == "tok" and head[1] in _GO_FUNCS:
+        return _GO_FUNCS[head[1]](*[_go_operand(a, dot, scope) for a in args[1:]])
+    if len(args) != 1:
+        raise ExportError(f"unsupported template command {toks!r}")
+    return _go_operand(head, dot, scope)
+
+
+def _go_operand(arg: tuple[str, Any], dot: Any, scope: dict[str, Any]) -> Any:
+    kind, t = arg
+    if kind == "value":
+        return t
+    if t.startswith('"'):
+        return json.loads(t)
+    if re.fullmatch(r"-?\d+", t):
+        return int(t)
+    if t == ".":
+        return dot
+    if t.startswith("."):
+        return _field(dot, t)
+    if t.startswith("$"):
+        name, _, rest = t.partition(".")
+        return _field(scope[name], rest)
+    raise ExportError(f"unsupported template operand {t!r}")
+
+
+def _go_exec(tree: list[Any], dot: Any, scope: dict[str, Any], out: list[str]) -> None:
+    for node in tree:
+        kind = node[0]
+        if kind == "text":
+            out.append(node[1])
+        elif kind == "print":
+            value = _go_eval(_go_tokens(node[1]), dot, scope)
+            out.append("" if value is None else str(value))
+        elif kind == "if":
+            branch = node[2] if _truthy(_go_eval(_go_tokens(node[1]), dot, scope)) else node[3]
+            _go_exec(branch, dot, scope, out)
+        elif kind == "range":
+            expr = node[1]
+            names: list[str] = []
+            if ":=" in expr:
+                lhs, expr = expr.split(":=", 1)
+                names = [n.strip() for n in lhs.split(",")]
+            seq = _go_eval(_go_tokens(expr), dot, scope) or []
+            if not seq:
+                _go_exec(node[3], dot, scope, out)
+            for i, item in enumerate(seq):
+                inner = dict(scope)
+                if len(names) == 2:
+                    inner[names[0]], inner[names[1]] = i, item
+                elif len(names) == 1:
+                    inner[names[0]] = item
+                _go_exec(node[2], item, inner, out)
+
+
+def render_go_template(template: str, messages: list[dict[str, str]], system: str | None = None) -> str:
+    """Render an Ollama TEMPLATE for a conversation as Ollama does for a chat request.
+
+    Messages are exposed as ``.Messages`` with ``.Role`` / ``.Content``; like Ollama, a Modelfile SYSTEM is
+    prepended as a system message when the conversation does not start with one.
+    """
+    msgs = [{"Role": m["role"], "Content": m["content"]} for m in messages]
+    if system is not None and (not msgs or msgs[0]["Role"] != "system"):
+        msgs.insert(0, {"Role": "system", "Content": system})
+    data = {"Messages": msgs, "System": system or ""}
+    out: list[str] = []
+    _go_exec(_go_parse(template), data, {"$": data}, out)
+    return "".join(out)
+
+
+DEFAULT_CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Convert 3 km to m."}],
+    [{"role": "user", "content": "Write a poem about the sea."}, {"role": "assistant", "content": "Waves\nroll"},
+     {"role": "user", "content": "Shorter, with\nnew lines and {{ braces }}."}],
+]
+
+
+@dataclass
+class ModelfileCheck:
+    """The Modelfile TEMPLATE and the Jinja chat template rendered on the same conversations."""
+
+    results: list[tuple[list[dict[str, str]], str, str]]  # (conversation, go rendering, jinja rendering)
+    stops: list[str]
+    missing_stops: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_stops and all(go == jinja for _, go, jinja in self.results)
+
+    def __str__(self) -> str:
+        rows = [{"conversation": " | ".join(m["role"] for m in conv), "equal": go == jinja,
+                 "chars": len(jinja)} for conv, go, jinja in self.results]
+        return format_table(rows) + f"\nstop tokens: {self.stops}" + \
+            (f"\nMISSING stop tokens: {self.missing_stops}" if self.missing_stops else "")
+
+
+def check_modelfile(modelfile: str | Path, tokenizer: Any,
+                    conversations: list[list[dict[str, str]]] | None = None) -> ModelfileCheck:
+    """Render the Modelfile's TEMPLATE (as Ollama would) and the tokenizer's Jinja template; compare them.
+
+    Also checks that every end-of-turn token has a ``PARAMETER stop``. ``.ok`` is True when all renderings are
+    identical character for character.
+    """
+    text = Path(modelfile).read_text() if isinstance(modelfile, Path) or (
+        isinstance(modelfile, str) and "\n" not in modelfile and Path(modelfile).exists()) else str(modelfile)
+    spec = parse_modelfile(text)
+    if "TEMPLATE" not in spec:
+        raise ExportError("the Modelfile has no TEMPLATE")
+    system = spec.get("SYSTEM")
+    results = []
+    for conv in conversations or DEFAULT_CONVERSATIONS:
+        effective = conv if system is None or (conv and conv[0]["role"] == "system") else \
+            [{"role": "system", "content": system}, *conv]
+        results.append((conv, render_go_template(spec["TEMPLATE"], conv, system),
+                        _render_jinja(tokenizer, effective)))
+    stops = [v for k, v in spec["PARAMETER"] if k == "stop"]
+    missing = [s for s in end_of_turn_tokens(tokenizer) if s not in stops]
+    return ModelfileCheck(results, stops, missing)
+
+
+def ollama_commands(modelfile: str | Path, name: str = "lora-course") -> list[str]:
+    """The shell commands that build and run the model in Ollama from ``modelfile``."""
+    return [f"ollama create {name} -f {modelfile}", f"ollama run {name} \"Write a poem about the sea.\""]
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="GGUF export tools of the course.")
+    parser.add_argument("--fetch-converter", action="store_true",
+                        help="extract llama.cpp's converter from the pinned llama-cpp-python sdist into the cache")
+    parser.add_argument("--sdist", type=Path, default=None, help="a local llama-cpp-python sdist (.tar.gz)")
+    parser.add_argument("--version", default=LLAMA_CPP_PIN)
+    args = parser.parse_args(argv)
+    if args.fetch_converter:
+        path = fetch_converter(args.version, args.sdist)
+        print(f"llama.cpp converter (llama-cpp-python {args.version}): {path}")
+    else:
+        parser.print_help()
+
+
+if __name__ == "__main__":
+    main()
