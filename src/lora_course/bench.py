@@ -1,0 +1,397 @@
+"""SFT throughput benchmark: steady-state tokens/s, peak memory and MFU of training recipes, side by side.
+
+What it measures, per recipe (``BenchConfig``): a real ``trl.SFTTrainer`` run on conversations of realistic, varied
+lengths (multi-turn chats assembled from the course's task data, lengths drawn from a log-normal distribution),
+LoRA r=16 on all linear layers. The first ``warmup_steps`` are left out (CUDA/Triton kernels compile and the
+allocator grows there; Unsloth compiles for about 20 steps); tokens/s is the real (non-padding) tokens of the
+measured steps (counted in the batches the model receives) over their wall time, synchronised with the GPU at
+every step end. Peak memory is
+``torch.cuda.max_memory_allocated`` over the run (weights included; paged optimizer states live in CUDA unified
+memory and are not counted by it), or on CPU the growth of the process's peak RSS. MFU is useful model FLOPs per
+second over the GPU's dense bf16 peak: 4 x frozen matmul parameters per token (forward + input gradients), 6 x
+LoRA parameters, and causal attention (6 x layers x heads*head_dim x n^2 per sequence of n tokens); padding and
+recomputation under gradient checkpointing are not useful work and are not counted.
+
+Presets: ``BASELINE`` is the references' recipe (transformers + bitsandbytes NF4 + peft, padded batches,
+``paged_adamw_8bit``, gradient checkpointing); ``FAST`` is the course's (Unsloth NF4, padding-free batches, 8-bit
+AdamW, Unsloth's gradient checkpointing). Each recipe runs in its own Python process (``run_isolated``): importing
+Unsloth patches transformers' Llama classes for the whole process, and peaks must not mix.
+
+``python -m lora_course.bench --build-shape --tokenizer-source DIR --out results.json`` runs the GPU benchmark on a
+locally built random-init Llama-3.2-1B shape; ``--dry-run`` runs two CPU recipes on the ``tiny`` model in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .shapes import ALL_LINEAR, ModelShape
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; fp16 for the T4 (no bf16).
+PEAK_BF16_TFLOPS: dict[str, float] = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0,
+                                      "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "T4": 65.0}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One recipe to measure."""
+
+    name: str
+    backend: str  # transformers | unsloth
+    batching: str  # padded | padding_free | packed
+    optim: str
+    gradient_checkpointing: bool
+    load_in_4bit: bool
+    batch_size: int = 8
+    max_length: int = 1024
+    r: int = 16
+    warmup_steps: int = 10
+    measure_steps: int = 20
+    precision: str | None = None  # None: the recipe's choice for the hardware
+
+
+BASELINE = BenchConfig("baseline (transformers+bnb+peft, padded, paged_adamw_8bit, grad ckpt)", "transformers",
+                       "padded", "paged_adamw_8bit", True, True)
+FAST = BenchConfig("fast (Unsloth NF4, padding-free, adamw_8bit, Unsloth grad ckpt)", "unsloth", "padding_free",
+                   "adamw_8bit", True, True)
+PRESETS: dict[str, BenchConfig] = {"baseline": BASELINE, "fast": FAST}
+
+
+def side_by_side(cuda: bool, **common: Any) -> list[BenchConfig]:
+    """Notebook 06's table: on a GPU, plain stack vs Unsloth, each padded and padding-free (NF4, 8-bit AdamW, grad
+    checkpointing); on CPU, the plain stack padded vs padding-free vs packed (fp32, no checkpointing)."""
+    if cuda:
+        return [BenchConfig(f"{b} {m}", b, m, "adamw_8bit", True, True, **common)
+                for b in ("transformers", "unsloth") for m in ("padded", "padding_free")]
+    return [BenchConfig(f"transformers {m}", "transformers", m, "adamw_torch", False, False, **common)
+            for m in ("padded", "padding_free", "packed")]
+
+
+def notebook_settings(cuda: bool) -> dict[str, int]:
+    """Notebook 06's benchmark size: seconds per recipe on a laptop CPU; on a GPU, longer chats and a warm-up that
+    covers kernel compilation (each recipe then takes about a minute, most of it loading and compiling)."""
+    if cuda:
+        return {"batch_size": 8, "median": 384, "max_length": 1024, "warmup_steps": 10, "measure_steps": 15}
+    return {"batch_size": 4, "median": 80, "max_length": 128, "warmup_steps": 1, "measure_steps": 2}
+
+
+@dataclass
+class BenchResult:
+    """What one recipe measured."""
+
+    name: str
+    config: dict[str, Any]
+    device: str
+    tokens_per_s: float  # real tokens (no padding) per second, measured steps only
+    sec_per_step: float
+    peak_mib: float | None  # None: not measured (a CPU run inside a process that already held other runs)
+    mfu: float | None  # useful model FLOPs / s over the GPU's bf16 peak (None on CPU or an unknown GPU)
+    padding_share: float  # share of the computed token slots that were padding
+    real_tokens: int
+    losses: list[float] = field(default_factory=list)
+    forward_calls: int = 0  # training forward passes seen (one per step: the token counts are the model's inputs)
+
+    def row(self) -> str:
+        mfu = f"{100 * self.mfu:5.1f}%" if self.mfu is not None else "n/a"
+        peak = f"{self.peak_mib:.0f}" if self.peak_mib is not None else "n/a"
+        return (f"{self.name:<72} {self.tokens_per_s:>9.0f} {self.sec_per_step:>8.3f} {peak:>9} {mfu:>7}"
+                f" {100 * self.padding_share:>6.1f}%")
+
+
+TABLE_HEADER = f"{'recipe':<72} {'tokens/s':>9} {'s/step':>8} {'peak MiB':>9} {'MFU':>7} {'pad':>7}"
+
+
+def format_table(results: list[BenchResult], baseline: str | None = None) -> str:
+    """The results as a fixed-width table; with ``baseline``, each row's speed and memory ratio to that row."""
+    lines = [TABLE_HEADER]
+    base = next((r for r in results if r.name == baseline), None)
+    for r in results:
+        extra = ""
+        if base is not None:
+            extra = f"  x{r.tokens_per_s / base.tokens_per_s:.2f} speed"
+            if r.peak_mib is not None and base.peak_mib is not None:
+                extra += f", x{r.peak_mib / base.peak_mib:.2f} memory"
+        lines.append(r.row() + extra)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+def gpu_peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (longest matching key), or None when unknown."""
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if all(part in name for part in key.split()):
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def training_flops(shape: ModelShape, seq_lengths: list[int], r: int = 16,
+                   targets: tuple[str, ...] = ALL_LINEAR) -> float:
+    """Useful FLOPs of one LoRA training step over sequences of the given lengths (see the module docstring)."""
+    if any(n <= 0 for n in seq_lengths):
+        raise ValueError(f"sequence lengths must be positive, got {seq_lengths}")
+    frozen = shape.num_layers * sum(a * b for a, b in shape.linear_shapes().values()) + \
+        shape.vocab_size * shape.hidden_size  # the output head is a matmul even when tied to the embeddings
+    lora = shape.lora_params(targets, r)
+    attn_width = shape.num_heads * shape.head_size
+    tokens = sum(seq_lengths)
+    return (4 * frozen + 6 * lora) * tokens + 6 * shape.num_layers * attn_width * sum(n * n for n in seq_lengths)
+
+
+# -------------------------------------------------------------------------------------------------- data
+def varied_lengths(n: int, median: int, sigma: float = 0.6, lo: int = 32, hi: int = 1024, seed: int = 0) -> list[int]:
+    """``n`` target lengths from a log-normal distribution (as instruction-tuning sets look), clipped to [lo, hi]."""
+    if not 0 < lo <= median <= hi:
+        raise ValueError(f"need 0 < lo <= median <= hi, got lo={lo} median={median} hi={hi}")
+    rng = random.Random(seed)
+    return [min(hi, max(lo, round(median * math.exp(rng.gauss(0.0, sigma))))) for _ in range(n)]
+
+
+def conversations(tokenizer: Any, lengths: list[int], max_length: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Tokenized multi-turn chats of about the given lengths, built from the three tasks' training examples.
+
+    Each chat strings together user/assistant exchanges until its target length; labels cover the assistant
+    replies and their end tokens only (the chat template with generation markers, ``sft.training_chat_template``).
+    Chats are cut at ``max_length`` tokens.
+    """
+    from .data import TASKS, load_task
+    from .sft import training_chat_template
+
+    template = training_chat_template(tokenizer)
+    pool = [ex["messages"] for t in TASKS for ex in load_task(t, "train")]
+    est = [len(tokenizer(m[0]["content"] + m[1]["content"], add_special_tokens=False)["input_ids"]) + 10 for m in pool]
+    rng = random.Random(seed)
+    rows = []
+    for target in lengths:
+        msgs: list[dict[str, str]] = []
+        total = 20  # the default system prompt
+        while not msgs or total < target:
+            i = rng.randrange(len(pool))
+            msgs += pool[i]
+            total += est[i]
+        enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                            chat_template=template)
+        ids = list(enc["input_ids"])[:max_length]
+        mask = list(enc["assistant_masks"])[:max_length]
+        rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _rss(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]], seed: int = 0,
+               output_dir: str | None = None, fresh_process: bool = False) -> BenchResult:
+    """Train ``config`` in this process on ``rows`` and measure it (use ``run_isolated`` when Unsloth is involved).
+
+    CPU memory is measured only in a fresh process (``fresh_process=True``, as ``run_isolated`` runs it): in a
+    process that already ran other models, freed memory is reused without growing the resident size.
+    """
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from .sft import build_recipe, detect_hardware, load_for_sft, make_trainer
+
+    hw = detect_hardware()
+    cuda = hw.device == "cuda"
+    recipe = build_recipe(hw, config.backend, config.batch_size, config.max_length, r=config.r,
+                          load_in_4bit=config.load_in_4bit, batching=config.batching, quiet=True)
+    recipe = replace(recipe, optim=config.optim, gradient_checkpointing=config.gradient_checkpointing,
+                     per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=1,
+                     precision=config.precision or recipe.precision)
+    steps = config.warmup_steps + config.measure_steps
+    if not cuda and os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS to the current RSS
+            f.write("5")
+    rss0 = _rss("VmRSS")
+    model, tok = load_for_sft(recipe, source, seed=seed)
+    shape = ModelShape.from_config(model.config)
+    args = recipe.sft_config(output_dir or tempfile.mkdtemp(prefix="bench-"), steps, seed=seed,
+                             train_sampling_strategy="sequential", logging_steps=1, disable_tqdm=True)
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def _now(self) -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            self.t.append(self._now())
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            self.t.append(self._now())
+
+    timer = Timer()
+    trainer = make_trainer(model, args, Dataset.from_list(rows), tok, quiet=True, callbacks=[timer])
+    calls: list[tuple[int, list[int]]] = []  # per forward: (computed token slots, real sequence lengths)
+    hook = trainer.model.register_forward_pre_hook(
+        lambda mod, args_, kwargs: calls.append(batch_shape(kwargs)) if mod.training else None, with_kwargs=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = trainer.train()
+    hook.remove()
+    peak = torch.cuda.max_memory_allocated() if cuda else max(_rss("VmHWM") - rss0, 0) if fresh_process else None
+    W = config.warmup_steps
+    if len(calls) != steps:
+        raise RuntimeError(f"{len(calls)} training forward passes for {steps} steps: the counts would not match")
+    wall = timer.t[-1] - timer.t[W]
+    measured_tokens = sum(sum(seqs) for _, seqs in calls[W:])
+    flops = sum(training_flops(shape, seqs, config.r) for _, seqs in calls[W:])
+    peak_tf = gpu_peak_tflops(hw.name) if cuda else None
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    real_all, computed_all = sum(sum(q) for _, q in calls), sum(c for c, _ in calls)
+    del out
+    return BenchResult(config.name, asdict(config), hw.name, measured_tokens / wall, wall / config.measure_steps,
+                       None if peak is None else peak / 2**20, flops / wall / (peak_tf * 1e12) if peak_tf else None,
+                       1 - real_all / computed_all, measured_tokens, losses, len(calls))
+
+
+def batch_shape(inputs: dict[str, Any]) -> tuple[int, list[int]]:
+    """``(computed token slots, real sequence lengths)`` of a training batch as the model receives it.
+
+    Padded batches: rows of the attention mask. Padding-free and packed batches: one flattened row whose
+    ``position_ids`` restart at 0 for every sequence.
+    """
+    ids = inputs["input_ids"]
+    if inputs.get("packed_seq_lengths") is not None:  # Unsloth's padding-free metadata
+        return ids.numel(), [int(n) for n in inputs["packed_seq_lengths"].reshape(-1).tolist()]
+    if inputs.get("attention_mask") is not None:
+        return ids.numel(), [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+    pos = inputs.get("position_ids")
+    if pos is None:
+        return ids.numel(), [ids.shape[1]] * ids.shape[0]
+    lengths = []
+    for row in pos.tolist():
+        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+        lengths += [b - a for a, b in itertools.pairwise(starts)]
+    return ids.numel(), lengths
+
+
+def run_isolated(config: BenchConfig, source: str, rows_file: str, seed: int = 0, timeout: float = 600) -> BenchResult:
+    """``run_config`` in a fresh Python process (Unsloth's patches and memory peaks stay inside it)."""
+    job = {"config": asdict(config), "source": source, "rows_file": rows_file, "seed": seed}
+    proc = subprocess.run([sys.executable, "-m", "lora_course.bench", "--one", json.dumps(job)], check=False,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"name"')]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark run {config.name!r} failed (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return BenchResult(**json.loads(lines[-1]))
+
+
+def make_rows(tokenizer: Any, config: BenchConfig, median: int, sigma: float = 0.6, seed: int = 0,
+              spare: float = 2.0) -> list[dict[str, list[int]]]:
+    """Enough conversations for ``config`` (``spare`` times the rows its steps consume, for packing)."""
+    n = int(spare * config.batch_size * (config.warmup_steps + config.measure_steps)) + config.batch_size
+    lo = min(32, median)
+    return conversations(tokenizer, varied_lengths(n, median, sigma, lo, config.max_length, seed),
+                         config.max_length, seed)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device, stored with every result file."""
+    import torch
+
+    from .env import package_versions
+
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, **package_versions(("transformers", "trl", "peft", "bitsandbytes", "unsloth")),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="SFT throughput benchmark: baseline vs fast recipe (tokens/s, memory, MFU)")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help="a local model folder (config.json + weights + tokenizer)")
+    p.add_argument("--build-shape", action="store_true", help="build the random-init Llama-3.2-1B shape locally")
+    p.add_argument("--tokenizer-source", help="folder with the course tokenizer (for --build-shape on a machine "
+                   "without the course's model wheel)")
+    p.add_argument("--configs", default="baseline,fast", help=f"comma-separated presets: {', '.join(PRESETS)}")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--median-length", type=int, default=384, help="median conversation length in tokens")
+    p.add_argument("--warmup", type=int, default=15)
+    p.add_argument("--steps", type=int, default=25, help="measured steps after warm-up")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--dry-run", action="store_true", help="CPU check on the tiny model: padded vs padding-free")
+    a = p.parse_args(argv)
+    if a.one:
+        job = json.loads(a.one)
+        if job["config"]["backend"] == "unsloth":
+            from .sft import import_unsloth
+
+            import_unsloth()  # first: Unsloth patches transformers' classes as it is imported
+        rows = json.loads(Path(job["rows_file"]).read_text())
+        res = run_config(BenchConfig(**job["config"]), job["source"], rows, job["seed"], fresh_process=True)
+        print(json.dumps(asdict(res)), flush=True)
+        return 0
+    from transformers import AutoTokenizer
+
+    from .models import prepare_tokenizer, random_model_dir, tiny_model_dir
+
+    if a.dry_run:
+        source = str(tiny_model_dir())
+        configs = [replace(c, warmup_steps=1, measure_steps=2, batch_size=4, max_length=128)
+                   for c in side_by_side(False)[:2]]
+        a.median_length = 64
+    else:
+        if a.build_shape:  # without --tokenizer-source: the cpu model's tokenizer (needs the model wheel)
+            from .memory import LLAMA_3_2_1B_SHAPE
+
+            source = str(random_model_dir("llama-3.2-1b-shape", LLAMA_3_2_1B_SHAPE, 0, "bfloat16",
+                                          tokenizer_source=a.tokenizer_source))
+        elif a.model_dir:
+            source = a.model_dir
+        else:
+            p.error("give --model-dir DIR, or --build-shape --tokenizer-source DIR, or --dry-run")
+        unknown = [c for c in a.configs.split(",") if c not in PRESETS]
+        if unknown:
+            p.error(f"unknown preset(s) {unknown}: choose from {', '.join(PRESETS)}")
+        configs = [replace(PRESETS[c], batch_size=a.batch_size, max_length=a.max_length, warmup_steps=a.warmup,
+                           measure_steps=a.steps) for c in a.configs.split(",")]
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    rows = make_rows(tok, max(configs, key=lambda c: c.warmup_steps + c.measure_steps), a.median_length)
+    rows_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-rows-{os.getpid()}.json"
+    rows_file.write_text(json.dumps(rows))
+    lengths = [len(r["input_ids"]) for r in rows]
+    print(f"model {source}\n{len(rows)} conversations, tokens min {min(lengths)} median "
+          f"{sorted(lengths)[len(lengths) // 2]} max {max(lengths)}", flush=True)
+    results = []
+    for c in configs:
+        res = run_isolated(c, source, str(rows_file))
+        print(res.row(), flush=True)
+        results.append(res)
+    print(format_table(results, baseline=results[0].name))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"environment": environment(), "model": source,
+                                     "lengths": {"min": min(lengths), "max": max(lengths), "n": len(lengths),
+                                                 "median": sorted(lengths)[len(lengths) // 2]},
+                                     "results": [asdict(r) for r in results]}, indent=1))
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

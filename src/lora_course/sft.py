@@ -1,0 +1,460 @@
+"""Chapter 4's SFT recipe: one builder that picks the backend and the ``SFTConfig`` defaults for the hardware.
+
+Implements:
+
+- ``Hardware`` / ``detect_hardware``: what the recipe needs to know about the machine (a plain dataclass, so tests
+  and notebooks can describe an H100, a T4 or a laptop without having one);
+- ``choose_backend``: Unsloth's ``FastLanguageModel`` when a CUDA GPU (compute capability >= 7.0) and unsloth are
+  present, transformers + peft otherwise, always with the reason, printed by the notebooks;
+- ``build_recipe`` -> ``SFTRecipe``: precision, optimizer, batch and accumulation, gradient checkpointing, 4-bit
+  loading and the batching (padded, padding-free or packed), each with the reason it was chosen; the same LoRA
+  hyperparameters for both backends; ``SFTRecipe.sft_config`` turns it into a ``trl.SFTConfig``;
+- ``load_for_sft``: the model and tokenizer with LoRA adapters through the chosen backend;
+- data formats: ``alpaca_to_messages`` (instruction/input/output -> chat messages), ``to_prompt_completion``
+  (for completion-only loss) and ``training_chat_template`` (a chat template with ``{% generation %}`` markers,
+  which TRL's ``assistant_only_loss`` needs and SmolLM2's template lacks).
+
+Sources: TRL 1.15 ``SFTConfig``/``SFTTrainer`` (``padding_free``, ``packing_strategy="bfd"``, ``assistant_only_loss``,
+``completion_only_loss``); Unsloth 2026.10 ``FastLanguageModel.from_pretrained``/``get_peft_model`` (it auto-enables
+padding-free batching in ``SFTTrainer``); transformers 5.x builds a block-diagonal causal mask from ``position_ids``
+when no attention mask is passed, which keeps flattened sequences from attending to each other with sdpa too.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BACKENDS: tuple[str, ...] = ("auto", "unsloth", "transformers")
+BATCHING: tuple[str, ...] = ("padded", "padding_free", "packed")
+UNSLOTH_INSTALL = 'pip install "lora-course[gpu]"  (unsloth==2026.10.9)'
+ALL_LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine; the message says why and what to use instead."""
+
+
+# -------------------------------------------------------------------------------------------- hardware
+@dataclass(frozen=True)
+class Hardware:
+    """The machine as the recipe sees it. Build one by hand to ask "what would the recipe do on an H100?"."""
+
+    device: str  # "cuda" or "cpu"
+    name: str  # e.g. "NVIDIA H100 80GB HBM3", or "cpu"
+    memory_gib: float  # GPU memory on cuda, system RAM on cpu
+    bf16: bool = False  # native bf16 matmuls (Ampere and newer)
+    compute_capability: tuple[int, int] | None = None
+    unsloth_version: str | None = None  # installed unsloth (not imported: importing it needs a GPU), or None
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+        if not (isinstance(self.memory_gib, (int, float)) and self.memory_gib > 0):
+            raise ValueError(f"memory_gib must be a positive number of GiB, got {self.memory_gib!r}")
+        if self.device == "cpu" and self.bf16:
+            raise ValueError("bf16=True describes a GPU with bf16 tensor cores; on cpu the course trains in fp32")
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of ``package`` (found without importing it), or None."""
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:
+        return None
+
+
+def detect_hardware() -> Hardware:
+    """Describe this machine: the first CUDA GPU if there is one, else the CPU and its RAM."""
+    import torch
+
+    from .env import memory_gib
+
+    unsloth = installed_version("unsloth")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Hardware("cuda", props.name, round(props.total_memory / 2**30, 1), torch.cuda.is_bf16_supported(),
+                        (props.major, props.minor), unsloth)
+    return Hardware("cpu", "cpu", round(memory_gib().get("total", 8.0), 1), False, None, unsloth)
+
+
+def hardware_for_profile(profile: str) -> Hardware:
+    """The hardware a notebook profile trains on: this machine for gpu/colab/kaggle, the CPU for cpu/tiny."""
+    from .env import memory_gib
+    from .models import resolve_profile
+
+    profile = resolve_profile(profile)
+    if profile in ("cpu", "tiny"):
+        return Hardware("cpu", "cpu", round(memory_gib().get("total", 8.0), 1), False, None,
+                        installed_version("unsloth"))
+    return detect_hardware()
+
+
+# --------------------------------------------------------------------------------------------- backend
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which training stack runs, and why."""
+
+    name: str  # "unsloth" or "transformers"
+    reason: str
+
+    def __str__(self) -> str:
+        stack = "Unsloth FastLanguageModel" if self.name == "unsloth" else "transformers + peft"
+        return f"backend: {stack} ({self.reason})"
+
+
+def choose_backend(hw: Hardware, requested: str = "auto") -> BackendChoice:
+    """Unsloth when asked or when ``auto`` finds a CUDA GPU of compute capability >= 7.0 and unsloth installed.
+
+    Unsloth's kernels are Triton/CUDA code: on a CPU (or a pre-Volta GPU) it cannot run, so ``auto`` falls back to
+    transformers + peft with the same LoRA hyperparameters, and an explicit ``"unsloth"`` raises with the fix.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}: choose one of {', '.join(BACKENDS)}")
+    if requested == "transformers":
+        return BackendChoice("transformers", "asked for explicitly")
+    problem = None
+    if hw.device != "cuda":
+        problem = "no CUDA GPU here, and Unsloth's Triton kernels need one"
+    elif hw.compute_capability is not None and hw.compute_capability < (7, 0):
+        problem = f"{hw.name} has compute capability {hw.compute_capability[0]}.{hw.compute_capability[1]} < 7.0"
+    elif hw.unsloth_version is None:
+        problem = f"unsloth is not installed ({UNSLOTH_INSTALL})"
+    if problem is None:
+        return BackendChoice("unsloth", f"{hw.name} with CUDA and unsloth {hw.unsloth_version} found")
+    if requested == "unsloth":
+        raise BackendUnavailableError(f"backend='unsloth' cannot run: {problem}. Use backend='auto' (which falls "
+                                      "back to transformers + peft) or backend='transformers'.")
+    return BackendChoice("transformers", f"{problem}: the same recipe runs through transformers + peft")
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+@dataclass(frozen=True)
+class SFTRecipe:
+    """Every choice of an SFT run in one place, with the reason for each hardware-dependent one."""
+
+    backend: str
+    precision: str  # bf16 | fp16 | fp32
+    optim: str  # a TrainingArguments optimizer name
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    load_in_4bit: bool
+    batching: str  # padded | padding_free | packed
+    max_length: int
+    learning_rate: float
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def describe(self) -> str:
+        """A table of the settings and why each was chosen."""
+        rows = [(k, v) for k, v in asdict(self).items() if k != "reasons"]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v!s:<24} {self.reasons.get(k, '')}".rstrip() for k, v in rows)
+
+    def sft_kwargs(self, output_dir: str, max_steps: int, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+        """The ``trl.SFTConfig`` arguments of this recipe; ``overrides`` win (e.g. ``logging_steps``).
+
+        TRL's own defaults assume a GPU (``bf16=True``, ``gradient_checkpointing=True``): both are set explicitly here.
+        Padding-free batches without packing cannot be truncated by TRL, so ``max_length`` is then left to the data
+        (cut it first; ``check_lengths`` says whether it is).
+        """
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        kw: dict[str, Any] = {
+            "output_dir": output_dir, "max_steps": max_steps, "seed": seed, "learning_rate": self.learning_rate,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "bf16": self.precision == "bf16", "fp16": self.precision == "fp16", "optim": self.optim,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False} if self.gradient_checkpointing else None,
+            "max_length": self.max_length, "packing": self.batching == "packed", "packing_strategy": "bfd",
+            "padding_free": self.batching == "padding_free", "lr_scheduler_type": "constant", "warmup_steps": 0,
+            "weight_decay": 0.0, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+            "dataloader_num_workers": 0,
+        }
+        if self.batching == "padding_free":
+            # TRL refuses padding_free + max_length without packing (its collator cannot truncate), and Unsloth turns
+            # padding-free off for pre-tokenized data that carries a max_length: the data is cut first (check_lengths).
+            kw["max_length"] = None
+        kw.update(overrides)
+        return kw
+
+    def sft_config(self, output_dir: str, max_steps: int, seed: int = 0, **overrides: Any) -> Any:
+        """``trl.SFTConfig(**self.sft_kwargs(...))`` (transformers checks there that the hardware has the precision)."""
+        from trl import SFTConfig
+
+        return SFTConfig(**self.sft_kwargs(output_dir, max_steps, seed, **overrides))
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """The LoRA hyperparameters, shared by both backends."""
+        return {"r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                "target_modules": list(self.target_modules), "bias": "none"}
+
+
+def _per_device_batch(hw: Hardware, effective: int) -> int:
+    """Largest per-device batch (a divisor of ``effective``) within a memory-based cap, so accumulation is exact."""
+    cap = effective if hw.device == "cpu" else 2 if hw.memory_gib < 20 else 4 if hw.memory_gib < 48 else 8
+    return max(d for d in range(1, min(cap, effective) + 1) if effective % d == 0)
+
+
+def build_recipe(hw: Hardware, backend: str = "auto", effective_batch_size: int = 8, max_length: int = 1024,
+                 learning_rate: float = 2e-4, r: int = 16, lora_alpha: float | None = None, lora_dropout: float = 0.0,
+                 target_modules: tuple[str, ...] = ALL_LINEAR_NAMES, load_in_4bit: bool | None = None,
+                 batching: str | None = None, quiet: bool = False) -> SFTRecipe:
+    """The SFT recipe for ``hw``: backend, precision, optimizer, batch/accumulation, checkpointing, batching.
+
+    Prints which backend runs and why (``quiet=False``). Every hardware-dependent value can be overridden; invalid
+    values raise ``ValueError`` naming the fix.
+    """
+    if isinstance(effective_batch_size, bool) or not isinstance(effective_batch_size, int) or effective_batch_size <= 0:
+        raise ValueError(f"effective_batch_size must be a positive integer, got {effective_batch_size!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer (the LoRA rank), got {r!r}")
+    if not isinstance(max_length, int) or max_length < 16:
+        raise ValueError(f"max_length must be an integer >= 16 tokens, got {max_length!r}")
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r} (LoRA: 1e-4 to 2e-3)")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if batching is not None and batching not in BATCHING:
+        raise ValueError(f"unknown batching {batching!r}: choose one of {', '.join(BATCHING)}")
+    choice = choose_backend(hw, backend)
+    cuda = hw.device == "cuda"
+    why: dict[str, str] = {"backend": choice.reason}
+
+    precision = "bf16" if cuda and hw.bf16 else "fp16" if cuda else "fp32"
+    why["precision"] = {"bf16": "bf16 tensor cores; same range as fp32, no loss scaling",
+                        "fp16": "no bf16 on this GPU (e.g. T4): fp16 with loss scaling",
+                        "fp32": "CPU: bf16 matmuls are emulated there (about 5x slower); TRL's bf16 default is off"}[
+        precision]
+    optim = "adamw_8bit" if cuda else "adamw_torch"
+    why["optim"] = ("bitsandbytes 8-bit AdamW states; not paged: LoRA's states are a few MiB, paging buys nothing"
+                    if cuda else "bitsandbytes' 8-bit optimizers need CUDA; LoRA's fp32 states are small anyway")
+    per_device = _per_device_batch(hw, effective_batch_size)
+    why["per_device_train_batch_size"] = (f"{hw.memory_gib:.0f} GiB GPU: cap {per_device}" if cuda else
+                                          "CPU RAM is plentiful: the whole batch at once")
+    why["gradient_accumulation_steps"] = f"{per_device} x {effective_batch_size // per_device} = effective batch " \
+                                         f"{effective_batch_size}"
+    why["gradient_checkpointing"] = ("activations dominate at long sequences; recompute costs ~20-30% time"
+                                     + (" (Unsloth's offloaded variant)" if choice.name == "unsloth" else "")
+                                     if cuda else "CPU: memory is not the limit, recomputing would cost ~30% time")
+    if load_in_4bit is None:
+        load_in_4bit = cuda
+        why["load_in_4bit"] = ("QLoRA: NF4 weights take a quarter of bf16's memory" if cuda else
+                               "CPU: 4-bit dequantization costs time and saves no memory that matters here")
+    else:
+        why["load_in_4bit"] = "asked for"
+    if load_in_4bit and not cuda:
+        raise ValueError("load_in_4bit=True needs a CUDA GPU in this recipe (bitsandbytes' 4-bit training path); "
+                         "use load_in_4bit=False on CPU")
+    if batching is None:
+        batching = "padding_free" if choice.name == "unsloth" else "packed"
+        why["batching"] = ("Unsloth's kernels take the flattened batch with its sequence lengths (no padding)"
+                           if batching == "padding_free" else
+                           "BFD packing: rows of up to max_length tokens, no padding inside, position_ids restart "
+                           "per example so examples never attend to each other")
+    else:
+        why["batching"] = "asked for"
+    recipe = SFTRecipe(choice.name, precision, optim, per_device, effective_batch_size // per_device,
+                       cuda, bool(load_in_4bit), batching, max_length, learning_rate, r,
+                       float(2 * r if lora_alpha is None else lora_alpha), lora_dropout, tuple(target_modules), why)
+    if not quiet:
+        print(choice)
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------- loading
+def import_unsloth() -> Any:
+    """Import unsloth (before transformers is used, so its patches apply), or raise ``BackendUnavailableError``.
+
+    ``import unsloth`` raises without a GPU (and may fail on a broken install): never at module level.
+    """
+    try:
+        import unsloth  # noqa: F401
+        from unsloth import FastLanguageModel
+    except Exception as e:
+        raise BackendUnavailableError(f"import unsloth failed ({type(e).__name__}: {e}). Use backend='transformers' "
+                                      f"or install it on a CUDA machine: {UNSLOTH_INSTALL}") from e
+    return FastLanguageModel
+
+
+def load_for_sft(recipe: SFTRecipe, source: str, seed: int = 0) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` with LoRA adapters on every target module, through the recipe's backend.
+
+    Unsloth: ``FastLanguageModel.from_pretrained`` then ``FastLanguageModel.get_peft_model``. transformers: the model
+    (NF4 via bitsandbytes when ``load_in_4bit``, then ``prepare_model_for_kbit_training``) and ``peft.get_peft_model``
+    with the same ``r``, ``lora_alpha``, dropout and targets.
+    """
+    import torch
+
+    from .models import prepare_tokenizer
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.precision]
+    if recipe.backend == "unsloth":
+        flm = import_unsloth()
+        model, tok = flm.from_pretrained(model_name=source, max_seq_length=recipe.max_length, dtype=dtype,
+                                         load_in_4bit=recipe.load_in_4bit)
+        model = flm.get_peft_model(model, **recipe.lora_kwargs(), random_state=seed,
+                                   use_gradient_checkpointing="unsloth" if recipe.gradient_checkpointing else False)
+        tok = getattr(tok, "tokenizer", tok)
+    else:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        tok = AutoTokenizer.from_pretrained(source)
+        cuda = torch.cuda.is_available() and recipe.precision != "fp32"
+        kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": 0} if cuda else {"": "cpu"}}
+        if recipe.load_in_4bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if recipe.load_in_4bit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora_kwargs()))
+    prepare_tokenizer(tok)
+    tok.padding_side = "right"  # training pads on the right; evaluate.generate switches to left itself
+    model.config.use_cache = False
+    return model, tok
+
+
+def fused_loss_available() -> bool:
+    """Whether TRL's fused LM-head loss can run: it is a Triton kernel, and Triton ships with CUDA builds of torch."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def make_trainer(model: Any, args: Any, train_dataset: Any, tokenizer: Any, quiet: bool = False,
+                 **kwargs: Any) -> Any:
+    """A ``trl.SFTTrainer``; where Triton is missing (CPU torch), one whose loss is the model's own cross-entropy.
+
+    TRL 1.15 computes the SFT loss with a fused, chunked LM head that never builds the full ``tokens x vocab`` logits
+    (a Triton kernel). CPU builds of torch have no Triton, so there the loss comes from the model's forward (full
+    logits, the same mean over labelled tokens); TRL's ``mean_token_accuracy``/``entropy`` logs are then absent.
+    """
+    from trl import SFTTrainer
+
+    if fused_loss_available():
+        if not quiet:
+            print("loss: TRL's fused LM-head cross-entropy (Triton)")
+        return SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **kwargs)
+
+    class FullLogitsSFTTrainer(SFTTrainer):
+        """``SFTTrainer`` with the model's own loss (TRL's documented way: subclass and override ``compute_loss``)."""
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            inputs = {**inputs, "use_cache": False}
+            if num_items_in_batch is not None:
+                inputs["num_items_in_batch"] = num_items_in_batch
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    if not quiet:
+        print("loss: the model's own cross-entropy (no Triton here, so TRL's fused LM-head kernel cannot run)")
+    return FullLogitsSFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                                **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ data formats
+def alpaca_to_messages(record: dict[str, str], system: str | None = None) -> list[dict[str, str]]:
+    """An Alpaca-style record (``instruction``, optional ``input``, ``output``) as chat messages.
+
+    The input, when present, follows the instruction in the user turn after a blank line (as Alpaca's own prompt
+    puts it under "### Input:"); the output becomes the assistant turn.
+    """
+    missing = {"instruction", "output"} - set(record)
+    if missing:
+        raise ValueError(f"an Alpaca record needs 'instruction' and 'output' (and may have 'input'); "
+                         f"missing {sorted(missing)} in {record!r}")
+    user = record["instruction"].strip()
+    if record.get("input", "").strip():
+        user += "\n\n" + record["input"].strip()
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def to_prompt_completion(example: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """A course example as TRL's conversational prompt-completion format (loss on the completion only)."""
+    msgs = example["messages"]
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's answer to split it into prompt and completion")
+    return {"prompt": msgs[:-1], "completion": msgs[-1:]}
+
+
+_NL = r"'(?:\\n|\n)'"  # a newline string literal, written as an escape or as a real line break
+_CHATML_MESSAGE = re.compile(
+    r"\{\{\s*'<\|im_start\|>'\s*\+\s*message\['role'\]\s*\+\s*" + _NL + r"\s*\+\s*message\['content'\]\s*\+\s*"
+    r"'<\|im_end\|>'\s*\+\s*" + _NL + r"\s*\}\}")
+_CHATML_TRAINING = ("{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+                    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
+                    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                    "{% endif %}")
+
+
+def training_chat_template(tokenizer: Any) -> str:
+    """The tokenizer's chat template with ``{% generation %}`` markers around each assistant reply and its end token.
+
+    TRL's ``assistant_only_loss`` reads those markers (``return_assistant_tokens_mask``) to label only the assistant's
+    tokens. TRL patches the templates it knows; SmolLM2's ChatML template is not among them, so it is rewritten
+    here, and the result is checked to render exactly the same text as the original.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    original = tokenizer.chat_template
+    if not original:
+        raise ValueError("the tokenizer has no chat template: set tokenizer.chat_template first")
+    if has_generation_markers(original):
+        return original
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:
+        patched = None
+    if patched is None:
+        if not _CHATML_MESSAGE.search(original):
+            raise ValueError("this chat template is neither known to TRL nor ChatML: add {% generation %} ... "
+                             "{% endgeneration %} around the assistant content and end token by hand")
+        patched = _CHATML_MESSAGE.sub(lambda _: _CHATML_TRAINING, original, count=1)
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+    a = tokenizer.apply_chat_template(probe, tokenize=False)
+    b = tokenizer.apply_chat_template(probe, tokenize=False, chat_template=patched)
+    if a != b:
+        raise ValueError(f"the training template renders differently from the original:\n{a!r}\n{b!r}")
+    return patched
+
+
+def check_lengths(lengths: list[int], max_length: int) -> None:
+    """Raise when any tokenized example exceeds ``max_length`` (padding-free batches are not truncated by TRL)."""
+    over = [n for n in lengths if n > max_length]
+    if over:
+        raise ValueError(f"{len(over)} examples are longer than max_length={max_length} (longest {max(over)}): "
+                         "truncate them, or use batching='packed', which truncates while packing")
+
+
+def label_view(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
+    """The tokens of one example, the ones that carry a label (are trained on) in [brackets]."""
+    parts = []
+    for tid, lab in zip(input_ids, labels):
+        text = tokenizer.decode([tid]).replace("\n", "\\n")
+        parts.append(f"[{text}]" if lab != -100 else text)
+    return "".join(parts)
+
+
+__all__ = ["BACKENDS", "BATCHING", "BackendChoice", "BackendUnavailableError", "Hardware", "SFTRecipe",
+           "alpaca_to_messages", "build_recipe", "check_lengths", "choose_backend", "detect_hardware",
+           "fused_loss_available", "hardware_for_profile", "import_unsloth", "label_view", "load_for_sft", "make_trainer",
+           "to_prompt_completion", "training_chat_template"]

@@ -1,0 +1,304 @@
+"""The SFT recipe builder (hardware-dependent defaults, backend choice, errors), its data helpers, the CPU trainer,
+padding-free batches (same loss as padded ones), and the benchmark's arithmetic."""
+import math
+
+import pytest
+
+from lora_course import bench
+from lora_course.sft import (
+    BackendUnavailableError,
+    Hardware,
+    alpaca_to_messages,
+    build_recipe,
+    check_lengths,
+    choose_backend,
+    import_unsloth,
+    label_view,
+    to_prompt_completion,
+    training_chat_template,
+)
+from lora_course.shapes import SMOLLM2_135M, ModelShape
+
+H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", 79.1, True, (9, 0), "2026.10.9")
+H100_NO_UNSLOTH = Hardware("cuda", "NVIDIA H100 80GB HBM3", 79.1, True, (9, 0), None)
+A10G = Hardware("cuda", "NVIDIA A10G", 22.0, True, (8, 6), "2026.10.9")
+T4 = Hardware("cuda", "Tesla T4", 14.7, False, (7, 5), "2026.10.9")
+P100 = Hardware("cuda", "Tesla P100-PCIE-16GB", 15.9, False, (6, 0), "2026.10.9")
+LAPTOP = Hardware("cpu", "cpu", 16.0)
+
+
+# ------------------------------------------------------------------------------------------------ hardware
+@pytest.mark.parametrize("kwargs, match", [
+    ({"device": "mps", "name": "m1", "memory_gib": 8.0}, "device must be"),
+    ({"device": "cpu", "name": "cpu", "memory_gib": 0}, "memory_gib"),
+    ({"device": "cpu", "name": "cpu", "memory_gib": 8.0, "bf16": True}, "bf16"),
+])
+def test_hardware_rejects_impossible_descriptions(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Hardware(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- backend
+@pytest.mark.parametrize("hw, name, reason", [
+    (H100, "unsloth", "unsloth 2026.10.9 found"),
+    (LAPTOP, "transformers", "no CUDA GPU"),
+    (H100_NO_UNSLOTH, "transformers", "not installed"),
+    (P100, "transformers", "compute capability 6.0"),
+])
+def test_auto_backend_and_its_reason(hw, name, reason):
+    choice = choose_backend(hw, "auto")
+    assert choice.name == name
+    assert reason in choice.reason
+    assert ("Unsloth" if name == "unsloth" else "transformers + peft") in str(choice)
+
+
+def test_explicit_backends():
+    assert choose_backend(H100, "transformers").name == "transformers"
+    assert choose_backend(H100, "unsloth").name == "unsloth"
+    for hw in (LAPTOP, H100_NO_UNSLOTH, P100):
+        with pytest.raises(BackendUnavailableError, match="backend='auto'"):
+            choose_backend(hw, "unsloth")
+    with pytest.raises(ValueError, match="unknown backend 'vllm'"):
+        choose_backend(H100, "vllm")
+
+
+def test_build_recipe_prints_the_backend_and_why(capsys):
+    build_recipe(LAPTOP)
+    out = capsys.readouterr().out
+    assert out.startswith("backend: transformers + peft (no CUDA GPU")
+    build_recipe(LAPTOP, quiet=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_import_unsloth_fails_with_the_fix_where_it_cannot_run():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may import unsloth")
+    with pytest.raises(BackendUnavailableError, match="import unsloth failed"):
+        import_unsloth()
+
+
+# -------------------------------------------------------------------------------------- recipe by hardware
+@pytest.mark.parametrize("hw, precision, optim, batch, accum, ckpt, nf4, batching", [
+    (H100, "bf16", "adamw_8bit", 8, 1, True, True, "padding_free"),
+    (H100_NO_UNSLOTH, "bf16", "adamw_8bit", 8, 1, True, True, "packed"),
+    (A10G, "bf16", "adamw_8bit", 4, 2, True, True, "padding_free"),
+    (T4, "fp16", "adamw_8bit", 2, 4, True, True, "padding_free"),
+    (LAPTOP, "fp32", "adamw_torch", 8, 1, False, False, "packed"),
+])
+def test_defaults_follow_the_hardware(hw, precision, optim, batch, accum, ckpt, nf4, batching):
+    r = build_recipe(hw, effective_batch_size=8, quiet=True)
+    assert (r.precision, r.optim, r.per_device_train_batch_size, r.gradient_accumulation_steps) == (
+        precision, optim, batch, accum)
+    assert (r.gradient_checkpointing, r.load_in_4bit, r.batching) == (ckpt, nf4, batching)
+    assert r.effective_batch_size == 8
+    for key in ("backend", "precision", "optim", "gradient_checkpointing", "load_in_4bit", "batching"):
+        assert r.reasons[key], key
+    assert key in r.describe()
+
+
+def test_same_lora_hyperparameters_for_both_backends():
+    a = build_recipe(H100, "unsloth", r=32, lora_dropout=0.05, quiet=True)
+    b = build_recipe(H100, "transformers", r=32, lora_dropout=0.05, quiet=True)
+    assert a.lora_kwargs() == b.lora_kwargs() == {
+        "r": 32, "lora_alpha": 64.0, "lora_dropout": 0.05, "bias": "none",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+@pytest.mark.parametrize("effective, cap_hw, batch, accum", [(6, T4, 2, 3), (7, A10G, 1, 7), (16, H100, 8, 2),
+                                                             (3, LAPTOP, 3, 1)])
+def test_accumulation_makes_the_effective_batch_exact(effective, cap_hw, batch, accum):
+    r = build_recipe(cap_hw, effective_batch_size=effective, quiet=True)
+    assert (r.per_device_train_batch_size, r.gradient_accumulation_steps) == (batch, accum)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"effective_batch_size": 0}, "effective_batch_size"),
+    ({"effective_batch_size": 2.5}, "effective_batch_size"),
+    ({"r": 0}, "r must be a positive integer"),
+    ({"max_length": 8}, "max_length"),
+    ({"learning_rate": 0.0}, "learning_rate"),
+    ({"lora_dropout": 1.0}, "lora_dropout"),
+    ({"batching": "bucketed"}, "unknown batching"),
+    ({"load_in_4bit": True}, "needs a CUDA GPU"),
+])
+def test_bad_recipe_values_raise_with_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_recipe(LAPTOP, quiet=True, **kwargs)
+
+
+def test_sft_kwargs_turn_off_trls_gpu_defaults_on_cpu_and_drop_max_length_when_padding_free():
+    cpu = build_recipe(LAPTOP, max_length=256, quiet=True).sft_kwargs("/tmp/out", 10)
+    assert cpu["bf16"] is False and cpu["fp16"] is False and cpu["gradient_checkpointing"] is False
+    assert cpu["packing"] is True and cpu["padding_free"] is False and cpu["max_length"] == 256
+    gpu = build_recipe(H100, max_length=256, quiet=True).sft_kwargs("/tmp/out", 10, logging_steps=5)
+    assert gpu["bf16"] is True and gpu["gradient_checkpointing"] is True and gpu["optim"] == "adamw_8bit"
+    assert gpu["padding_free"] is True and gpu["packing"] is False and gpu["max_length"] is None
+    assert gpu["logging_steps"] == 5
+    t4 = build_recipe(T4, quiet=True).sft_kwargs("/tmp/out", 1)
+    assert t4["fp16"] is True and t4["bf16"] is False
+    with pytest.raises(ValueError, match="max_steps"):
+        build_recipe(LAPTOP, quiet=True).sft_kwargs("/tmp/out", 0)
+
+
+def test_sft_config_builds_on_cpu(tmp_path):
+    cfg = build_recipe(LAPTOP, max_length=128, quiet=True).sft_config(str(tmp_path), 3)
+    assert (cfg.bf16, cfg.gradient_checkpointing, cfg.packing, cfg.max_length, cfg.max_steps) == (
+        False, False, True, 128, 3)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_alpaca_to_messages():
+    rec = {"instruction": "Convert 3 km to m.", "input": "Answer in JSON.", "output": '{"value": 3000}'}
+    assert alpaca_to_messages(rec) == [{"role": "user", "content": "Convert 3 km to m.\n\nAnswer in JSON."},
+                                       {"role": "assistant", "content": '{"value": 3000}'}]
+    no_input = alpaca_to_messages({"instruction": "Say hi", "input": "  ", "output": "hi"}, system="Be brief.")
+    assert [m["role"] for m in no_input] == ["system", "user", "assistant"] and no_input[1]["content"] == "Say hi"
+    with pytest.raises(ValueError, match="'output'"):
+        alpaca_to_messages({"instruction": "x"})
+
+
+def test_prompt_completion_split():
+    ex = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert to_prompt_completion(ex) == {"prompt": ex["messages"][:1], "completion": ex["messages"][1:]}
+    with pytest.raises(ValueError, match="assistant"):
+        to_prompt_completion({"messages": ex["messages"][:1]})
+
+
+def test_check_lengths():
+    check_lengths([10, 20], 20)
+    with pytest.raises(ValueError, match="1 examples are longer than max_length=20 .longest 21"):
+        check_lengths([10, 21], 20)
+
+
+def test_training_template_renders_the_same_and_masks_only_assistant_replies(cpu_tokenizer):
+    tok = cpu_tokenizer
+    tmpl = training_chat_template(tok)
+    assert "{% generation %}" in tmpl
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(msgs, tokenize=False,
+                                                                                   chat_template=tmpl)
+    enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                  chat_template=tmpl)
+    trained = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    assert tok.decode(trained) == "Hello there<|im_end|>Hello<|im_end|>"
+    labels = [t if m else -100 for t, m in zip(enc["input_ids"], enc["assistant_masks"])]
+    assert "[Hello][ there][<|im_end|>]" in label_view(tok, enc["input_ids"], labels)
+    assert training_chat_template(_with_template(tok, tmpl)) == tmpl  # already marked: unchanged
+
+
+def test_training_template_refuses_an_unknown_template(cpu_tokenizer):
+    odd = _with_template(cpu_tokenizer, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(ValueError, match="generation"):
+        training_chat_template(odd)
+
+
+def _with_template(tok, template):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = template
+    return t
+
+
+# ---------------------------------------------------------------------------------------- training on CPU
+def test_padding_free_batch_gives_the_padded_loss(tiny):
+    """Flattened sequences with restarting position_ids (no attention mask) get a block-diagonal causal mask from
+    transformers, so the loss equals the padded batch's: no example attends to another. Only without a KV cache
+    (training): with ``use_cache=True`` transformers skips the packed-sequence detection and examples mix."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model, tok = tiny
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] * 3 + list(range(8, 5 + n))} for n in (7, 12, 4)]
+    padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows)
+    flat = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(rows)
+    assert "attention_mask" not in flat and flat["input_ids"].shape == (1, 23)
+    with torch.no_grad():
+        a = model(**padded, use_cache=False).loss.item()
+        b = model(**flat, use_cache=False).loss.item()
+        mixed = model(**flat, use_cache=True).loss.item()
+    assert math.isclose(a, b, rel_tol=1e-5), (a, b)
+    assert not math.isclose(a, mixed, rel_tol=1e-5), (a, mixed)
+
+
+def test_cpu_recipe_trains_through_trl_and_the_loss_falls(tmp_path):
+    from datasets import Dataset
+
+    from lora_course.diagnostics import check_loss_falling
+    from lora_course.models import cpu_model_dir
+    from lora_course.sft import fused_loss_available, load_for_sft, make_trainer
+
+    # the real cpu model: a random-init tiny model's frozen, tied output head barely lets the loss move
+    recipe = build_recipe(LAPTOP, effective_batch_size=4, max_length=64, learning_rate=5e-3, quiet=True)
+    model, tok = load_for_sft(recipe, str(cpu_model_dir()))
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Say {w}"}],
+                               "completion": [{"role": "assistant", "content": f"{w} {w}"}]}
+                              for w in ("red", "green", "blue", "gold")])
+    trainer = make_trainer(model, recipe.sft_config(str(tmp_path), 6), data, tok, quiet=True)
+    assert type(trainer).__name__ == ("SFTTrainer" if fused_loss_available() else "FullLogitsSFTTrainer")
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6
+    check_loss_falling(losses, min_drop=0.3, window=2)
+
+
+# -------------------------------------------------------------------------------------------- benchmark
+def test_peak_flops_by_gpu_name():
+    assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert bench.gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.gpu_peak_tflops("NVIDIA H200") == 989.4
+    assert bench.gpu_peak_tflops("Tesla T4") == 65.0
+    assert bench.gpu_peak_tflops("Radeon 780M") is None
+
+
+def test_training_flops_counts_matmuls_lora_and_causal_attention():
+    s = ModelShape("toy", hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
+                   vocab_size=10, head_dim=2)
+    frozen = 2 * (4 * 4 + 4 * 2 + 4 * 2 + 4 * 4 + 3 * 4 * 8) + 10 * 4  # 2 layers of 7 linears + the head
+    lora = s.lora_params(("q_proj",), 1)
+    assert bench.training_flops(s, [3, 5], r=1, targets=("q_proj",)) == \
+        (4 * frozen + 6 * lora) * 8 + 6 * 2 * 4 * (9 + 25)
+    # padding-free vs one padded row: quadratic attention makes one long sequence cost more than two short ones
+    assert bench.training_flops(SMOLLM2_135M, [512]) > bench.training_flops(SMOLLM2_135M, [256, 256])
+    with pytest.raises(ValueError, match="positive"):
+        bench.training_flops(s, [0])
+
+
+def test_varied_lengths_are_seeded_clipped_and_centred():
+    a = bench.varied_lengths(2000, 384, 0.6, 32, 1024, seed=1)
+    assert a == bench.varied_lengths(2000, 384, 0.6, 32, 1024, seed=1)
+    assert min(a) >= 32 and max(a) <= 1024 and len(set(a)) > 300
+    assert 340 < sorted(a)[1000] < 430
+    with pytest.raises(ValueError, match="lo <= median <= hi"):
+        bench.varied_lengths(3, 2000, hi=1024)
+
+
+def test_side_by_side_configs():
+    assert [c.name for c in bench.side_by_side(False)] == [
+        "transformers padded", "transformers padding_free", "transformers packed"]
+    gpu = bench.side_by_side(True, warmup_steps=3)
+    assert {(c.backend, c.batching) for c in gpu} == {(b, m) for b in ("transformers", "unsloth")
+                                                     for m in ("padded", "padding_free")}
+    assert all(c.warmup_steps == 3 and c.load_in_4bit for c in gpu)
+    assert bench.BASELINE.optim == "paged_adamw_8bit" and bench.BASELINE.batching == "padded"
+    assert bench.FAST.backend == "unsloth" and bench.FAST.batching == "padding_free"
+
+
+@pytest.mark.gpu
+def test_auto_backend_on_a_cuda_machine_with_unsloth_imports_it():
+    from lora_course.sft import detect_hardware
+
+    hw = detect_hardware()
+    if hw.unsloth_version is None:
+        pytest.skip("unsloth is not installed here")
+    assert choose_backend(hw).name == "unsloth"
+    assert import_unsloth().__name__ == "FastLanguageModel"
+
+
+def test_recipe_builder_is_reachable_from_train():
+    from lora_course import sft, train
+
+    assert train.build_recipe is sft.build_recipe and train.SFTRecipe is sft.SFTRecipe
