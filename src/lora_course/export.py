@@ -282,19 +282,79 @@ def check_tokenizer_files(model_dir: Path) -> str:
     return "gpt2"
 
 
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf_header(gguf_path: str | Path, decode: Sequence[str] = ()) -> tuple[dict[str, Any], list[Any]]:
+    """``(metadata, [(tensor name, shape in ggml order, ggml type id)])`` read straight from a GGUF header.
+
+    Why not ``gguf.GGUFReader``: it builds a numpy view for every string of every array (SmolLM2's 49k tokens
+    and 48k merges), about 2.5 s per file on the course CPU; this walks the header with ``struct`` in ~0.1 s.
+    Arrays are returned as their length unless their key is in ``decode``.
+    """
+    import mmap
+    import struct
+
+    gguf_path = Path(gguf_path)
+    with open(gguf_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise ExportError(f"{gguf_path} is not a GGUF file (no GGUF magic)")
+        _, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+        pos = 24
+
+        def string(at: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", m, at)
+            return m[at + 8:at + 8 + n].decode("utf-8", "replace"), at + 8 + n
+
+        def value(kind: int, at: int, keep: bool) -> tuple[Any, int]:
+            if kind == 8:
+                return string(at)
+            if kind != 9:
+                fmt = "<" + _GGUF_SCALARS[kind]
+                return struct.unpack_from(fmt, m, at)[0], at + struct.calcsize(fmt)
+            elem, count = struct.unpack_from("<IQ", m, at)
+            at += 12
+            if elem == 8:
+                items = []
+                for _ in range(count):
+                    (n,) = struct.unpack_from("<Q", m, at)
+                    if keep:
+                        items.append(m[at + 8:at + 8 + n].decode("utf-8", "replace"))
+                    at += 8 + n
+                return (items if keep else count), at
+            if elem not in _GGUF_SCALARS:
+                raise ExportError(f"{gguf_path}: unsupported GGUF array element type {elem}")
+            size = struct.calcsize("<" + _GGUF_SCALARS[elem])
+            vals = list(struct.unpack_from(f"<{count}{_GGUF_SCALARS[elem]}", m, at)) if keep else count
+            return vals, at + size * count
+
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (kind,) = struct.unpack_from("<I", m, pos)
+            meta[key], pos = value(kind, pos + 4, key in decode)
+        tensors = []
+        for _ in range(n_tensors):
+            name, pos = string(pos)
+            (nd,) = struct.unpack_from("<I", m, pos)
+            dims = struct.unpack_from(f"<{nd}Q", m, pos + 4)
+            ttype, _offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * nd)
+            pos += 4 + 8 * nd + 12
+            tensors.append((name, tuple(int(d) for d in dims), int(ttype)))
+    return meta, tensors
+
+
 def gguf_tokenizer_summary(gguf_path: Path) -> dict[str, Any]:
-    """The tokenizer as stored in a GGUF file: model, pre-tokenizer, vocab size, special token ids, template."""
-    from gguf import GGUFReader
+    """The tokenizer as stored in a GGUF file: model, pre-tokenizer, vocab size, special token ids, template.
 
-    f = GGUFReader(str(gguf_path)).fields
-
-    def get(key: str) -> Any:
-        return f[key].contents() if key in f else None
-
-    tokens = get("tokenizer.ggml.tokens") or []
-    return {"model": get("tokenizer.ggml.model"), "pre": get("tokenizer.ggml.pre"), "n_vocab": len(tokens),
-            "bos": get("tokenizer.ggml.bos_token_id"), "eos": get("tokenizer.ggml.eos_token_id"),
-            "chat_template": get("tokenizer.chat_template") is not None,
+    ``byte_tokens_missing`` counts absent ``<0xNN>`` tokens, which only a ``llama`` (SentencePiece-style)
+    vocabulary needs; a ``gpt2`` byte-level vocabulary has none by design.
+    """
+    meta, _ = read_gguf_header(gguf_path, decode=("tokenizer.ggml.tokens",))
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    return {"model": meta.get("tokenizer.ggml.model"), "pre": meta.get("tokenizer.ggml.pre"), "n_vocab": len(tokens),
+            "bos": meta.get("tokenizer.ggml.bos_token_id"), "eos": meta.get("tokenizer.ggml.eos_token_id"),
+            "chat_template": "tokenizer.chat_template" in meta,
             "byte_tokens_missing": len(_byte_tokens_missing(tokens)) if tokens else 256}
 
 
@@ -458,11 +518,19 @@ class QuantizeReport:
 
 def gguf_tensor_stats(gguf_path: str | Path) -> tuple[int, int, list[tuple[str, tuple[int, ...], str]]]:
     """``(total elements, total bytes, [(name, shape, type)])`` of a GGUF file's tensors (shape: ggml order)."""
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
 
-    reader = GGUFReader(str(gguf_path))
-    rows = [(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors]
-    return (sum(int(t.n_elements) for t in reader.tensors), sum(int(t.n_bytes) for t in reader.tensors), rows)
+    _, tensors = read_gguf_header(gguf_path)
+    rows, n_el, n_bytes = [], 0, 0
+    for name, shape, ttype in tensors:
+        kind = GGMLQuantizationType(ttype)
+        block, size = GGML_QUANT_SIZES[kind]
+        n = math.prod(shape)
+        n_el += n
+        n_bytes += n // block * size
+        rows.append((name, shape, kind.name))
+    return n_el, n_bytes, rows
 
 
 def _why(shape: tuple[int, ...], stored: str, target: Any, qtype: str) -> str:
@@ -532,11 +600,28 @@ def load_gguf(gguf_path: str | Path, n_ctx: int = 512, n_threads: int | None = N
 
 
 def gguf_greedy(llm: Any, prompt_ids: Sequence[int], max_new_tokens: int,
-                stop_ids: Sequence[int] = ()) -> list[int]:
-    """Greedy continuation of ``prompt_ids`` in llama.cpp (temperature 0), stopping at ``stop_ids``."""
+                stop_ids: Sequence[int] = (), suppress_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy continuation of ``prompt_ids`` in llama.cpp (temperature 0), stopping at ``stop_ids``.
+
+    ``suppress_ids`` are never chosen (their logits set to -inf), as transformers' ``min_new_tokens`` does to
+    the end-of-sequence ids.
+    """
+    processors = None
+    if suppress_ids:
+        import numpy as np
+        from llama_cpp import LogitsProcessorList
+
+        banned = list(suppress_ids)
+
+        def _suppress(_input_ids: Any, scores: Any) -> Any:
+            scores[banned] = -np.inf
+            return scores
+
+        processors = LogitsProcessorList([_suppress])
     llm.reset()
     out: list[int] = []
-    for tok in llm.generate(list(prompt_ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+    for tok in llm.generate(list(prompt_ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                            logits_processor=processors):
         if tok in stop_ids:
             break
         out.append(int(tok))
@@ -586,6 +671,7 @@ class HFReference:
     prompt_ids: list[list[int]]
     greedy_ids: list[list[int]]
     max_new_tokens: int
+    suppressed_ids: list[int] = field(default_factory=list)  # end-of-sequence ids masked during greedy decoding
 
 
 def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequence[str],
@@ -593,8 +679,10 @@ def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequenc
     """Teacher-forced log-probabilities over ``texts`` and greedy continuations of ``prompts`` in transformers.
 
     ``hf`` is a loaded model or a folder; prompts are raw text (render chat templates first) tokenized without
-    special tokens added. Greedy continuations run exactly ``max_new_tokens`` (end of sequence suppressed), so the
-    comparison covers the same number of tokens whatever the model says.
+    special tokens added. Greedy continuations run exactly ``max_new_tokens`` (end of sequence suppressed, as
+    ``min_new_tokens`` does), so the comparison covers the same number of tokens whatever the model says;
+    ``check_parity`` masks the same ids in llama.cpp, else a model that ends its turn early would be compared
+    with transformers' second choice.
     """
     import numpy as np
     import torch
@@ -615,7 +703,10 @@ def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequenc
                                  do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id)
             greedy.append(out[0, len(row):].tolist())
-    return HFReference(list(texts), ids, lps, list(prompts), pids, greedy, max_new_tokens)
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    suppressed = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
+    return HFReference(list(texts), ids, lps, list(prompts), pids, greedy, max_new_tokens, suppressed)
 
 
 @dataclass
@@ -674,7 +765,8 @@ def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), 
 
     - tokenizer parity: llama.cpp's token ids equal transformers' for each text and prompt;
     - teacher-forced next-token agreement (top-1) and KL(transformers || llama.cpp), mean and max over positions;
-    - greedy prefix: how many of ``max_new_tokens`` greedy tokens match before the first difference.
+    - greedy prefix: how many of ``max_new_tokens`` greedy tokens match before the first difference (both
+      engines with the end-of-sequence ids masked, so both produce exactly ``max_new_tokens``).
 
     Pass ``reference`` (from ``hf_reference``) to reuse transformers' side for several files.
     """
@@ -703,7 +795,7 @@ def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), 
         n += len(row)
     prefix = []
     for pid, want in zip(reference.prompt_ids, reference.greedy_ids):
-        got = gguf_greedy(llm, pid, reference.max_new_tokens)
+        got = gguf_greedy(llm, pid, reference.max_new_tokens, suppress_ids=reference.suppressed_ids)
         k = 0
         while k < min(len(got), len(want)) and got[k] == want[k]:
             k += 1
@@ -716,34 +808,44 @@ def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), 
 
 
 # ------------------------------------------------------------------------------------------------- speed
-def hf_tokens_per_second(model: Any, tokenizer: Any, prompt: str, n_tokens: int = 64) -> float:
+def _decode_rate(run: Callable[[int], int], n_tokens: int, repeats: int) -> float:
+    """New tokens per second of ``run(n)`` (which decodes n tokens and returns how many it made) after prefill.
+
+    The time of a 1-token run (prefill + first token) is subtracted from an ``n_tokens`` run; each is the best of
+    ``repeats`` runs, so a burst of load from other processes on a shared CPU does not decide the number.
+    """
+    run(2)  # warm-up
+    t_one, t_n, made = math.inf, math.inf, n_tokens
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        made = run(n_tokens)
+        t2 = time.perf_counter()
+        t_one, t_n = min(t_one, t1 - t0), min(t_n, t2 - t1)
+    return (made - 1) / max(t_n - t_one, 1e-9)
+
+
+def hf_tokens_per_second(model: Any, tokenizer: Any, prompt: str, n_tokens: int = 64, repeats: int = 3) -> float:
     """transformers' greedy decoding speed (batch 1): new tokens per second after the prompt's prefill."""
     import torch
 
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     kw = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
-    with torch.inference_mode():
-        model.generate(**ids, max_new_tokens=2, **kw)  # warm-up
-        t0 = time.perf_counter()
-        model.generate(**ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        model.generate(**ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, **kw)
-        t2 = time.perf_counter()
-    return (n_tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
+
+    def run(n: int) -> int:
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return out.shape[1] - ids["input_ids"].shape[1]
+
+    return _decode_rate(run, n_tokens, repeats)
 
 
 def gguf_tokens_per_second(gguf_path: str | Path, prompt_ids: Sequence[int], n_tokens: int = 64,
-                           n_threads: int | None = None) -> float:
+                           n_threads: int | None = None, repeats: int = 3) -> float:
     """llama.cpp's greedy decoding speed (batch 1): new tokens per second after the prompt's prefill."""
     llm = load_gguf(gguf_path, n_threads=n_threads)
-    gguf_greedy(llm, prompt_ids, 2)  # warm-up
-    t0 = time.perf_counter()
-    gguf_greedy(llm, prompt_ids, 1)
-    t1 = time.perf_counter()
-    got = gguf_greedy(llm, prompt_ids, n_tokens)
-    t2 = time.perf_counter()
-    del llm
-    return (len(got) - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
+    return _decode_rate(lambda n: len(gguf_greedy(llm, prompt_ids, n)), n_tokens, repeats)
 
 
 # ------------------------------------------------------------------------------------------------ serving
@@ -1006,8 +1108,8 @@ def _go_block(items: list[Any], i: int) -> tuple[list[Any], int]:
     return out, i
 
 
-_TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|\(|\)|-?\d+|\$?[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|\$|\.(?:[A-Za-z_]\w*'
-                    r'(?:\.[A-Za-z_]\w*)*)?)')
+_TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|\(|\)|-?\d+|\$?[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|\$(?:\.[A-Za-z_]\w*)*'
+                    r'|\.(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)?)')
 
 
 def _go_tokens(expr: str) -> list[str]:
@@ -1059,11 +1161,11 @@ def _go_eval(toks: list[str], dot: Any, scope: dict[str, Any]) -> Any:
             while depth:
                 depth += {"(": 1, ")": -1}.get(toks[j], 0)
                 j += 1
-            args.append(("value", _go_eval(toks[i + 1:j - 1], dot, scope)))
-            i = j
-            if i < len(toks) and toks[i].startswith("@"):
-                args[-1] = ("value", _field(args[-1][1], toks[i][1:]))
-                i += 1
+            # evaluated only when used, so ``and`` / ``or`` short-circuit as in Go >= 1.18
+            # (``or (not .Messages) (ne (index .Messages 0).Role "system")`` on no messages)
+            suffix = toks[j][1:] if j < len(toks) and toks[j].startswith("@") else ""
+            args.append(("expr", (toks[i + 1:j - 1], suffix)))
+            i = j + (1 if suffix else 0)
             continue
         args.append(("tok", t))
         i += 1
@@ -1086,8 +1188,10 @@ def _go_eval(toks: list[str], dot: Any, scope: dict[str, Any]) -> Any:
 
 def _go_operand(arg: tuple[str, Any], dot: Any, scope: dict[str, Any]) -> Any:
     kind, t = arg
-    if kind == "value":
-        return t
+    if kind == "expr":
+        sub, suffix = t
+        value = _go_eval(sub, dot, scope)
+        return _field(value, suffix) if suffix else value
     if t.startswith('"'):
         return json.loads(t)
     if re.fullmatch(r"-?\d+", t):
