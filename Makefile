@@ -19,13 +19,14 @@ export MPLBACKEND ?= Agg
 NB_WORKERS ?= 2
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: setup test unit notebooks course lab model data lint clean-build help test-gpu
+.PHONY: setup test unit notebooks course lab model data lint clean-build help test-gpu bench-gpu
 
 help:
 	@echo "make test    - create .venv, install the pinned stack, run unit tests and every notebook (CPU profile)"
 	@echo "make course  - same set-up, execute every notebook with papermill into build/ and write build/course-report.md"
 	@echo "make lab     - start JupyterLab on the notebooks"
 	@echo "make test-gpu - (GPU machine) every notebook in the GPU profile on a locally built ~1B Llama"
+	@echo "make bench-gpu - (GPU machine) SFT tokens/s and memory: the references' baseline vs the fast recipe"
 	@echo "make data    - regenerate data/ from the package's task generators"
 
 setup: $(STAMP)
@@ -45,6 +46,8 @@ $(STAMP): pyproject.toml constraints.txt
 model: setup
 	$(PY) -m lora_course.models --profile cpu
 	$(PY) -m lora_course.export --fetch-converter
+	# Chapter 5's three task adapters (technical, creative, code), trained once with a fixed recipe and cached.
+	$(PY) -m lora_course.adapters --build-course-adapters
 
 test: setup model
 	$(PY) -m pytest -q -n $(NB_WORKERS) --dist loadfile tests $(NOTEBOOKS) --nbmake --nbmake-timeout=900
@@ -65,6 +68,11 @@ GPU_PYTHON ?= python3
 TOKENIZER_SOURCE ?=
 test-gpu:
 	$(GPU_PYTHON) -m lora_course.gpu_lane --out build-gpu $(if $(TOKENIZER_SOURCE),--tokenizer-source $(TOKENIZER_SOURCE)) $(NOTEBOOKS)
+
+# GPU benchmark (docs/benchmarks.md): the references' baseline (transformers+bnb+peft, padded, paged_adamw_8bit,
+# gradient checkpointing) vs the course's fast recipe (Unsloth, padding-free) on a locally built ~1B Llama.
+bench-gpu:
+	$(GPU_PYTHON) -m lora_course.bench --build-shape $(if $(TOKENIZER_SOURCE),--tokenizer-source $(TOKENIZER_SOURCE)) --warmup 15 --steps 20 --out build-gpu/bench.json
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
