@@ -1,8 +1,8 @@
 """One pinned stack: constraints.txt, pyproject.toml and environment.yml must carry the same versions."""
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,4 +3,4 @@ __version__ = "0.1.0"
 
 from .report import record_metric
 
-__all__ = ["record_metric", "__version__"]
+__all__ = ["__version__", "record_metric"]

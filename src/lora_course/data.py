@@ -304,7 +304,7 @@ def collate(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)
+_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
 
 
 def extract_code(text: str) -> str:

@@ -28,7 +28,8 @@ def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str]:
 def memory_gib() -> dict[str, float]:
     """Total and available system memory in GiB (from /proc/meminfo where it exists)."""
     try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
         kib = {k: int(v.split()[0]) for k, v in info.items() if k in ("MemTotal", "MemAvailable")}
         return {"total": kib["MemTotal"] / 2**20, "available": kib["MemAvailable"] / 2**20}
     except (OSError, KeyError, ValueError):

@@ -105,7 +105,7 @@ def run_code_tests(code: str, tests: str, timeout: float = 5.0) -> bool:
     program = code + "\n\n" + tests + "\n"
     try:
         proc = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired:
         return False
     return proc.returncode == 0
@@ -174,5 +174,13 @@ def evaluate_task(model: Any, tokenizer: Any, task: str, examples: list[dict[str
     return EvalResult(task, score(task, outputs, examples), ppl, outputs)
 
 
-__all__ = ["EvalResult", "PRIMARY_METRIC", "generate", "score", "perplexity", "evaluate_task", "run_code_tests",
-           "reference"]
+__all__ = [
+    "PRIMARY_METRIC",
+    "EvalResult",
+    "evaluate_task",
+    "generate",
+    "perplexity",
+    "reference",
+    "run_code_tests",
+    "score",
+]

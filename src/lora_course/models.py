@@ -86,7 +86,7 @@ def resolve_profile(profile: str = "auto") -> str:
     return "colab" if _on_colab() else "kaggle" if _on_kaggle() else "gpu"
 
 
-def select_dtype(device: str | None = None) -> "Any":
+def select_dtype(device: str | None = None) -> Any:
     """Training/inference precision for the hardware: bf16 where supported, fp16 on older GPUs (T4), fp32 on CPU.
 
     fp32 on CPU because bf16 matmuls there are emulated and about 5x slower on this course's machines.
@@ -169,7 +169,7 @@ def _is_complete(path: Path) -> bool:
     return recorded == _dir_digest(path) and "model.safetensors" in recorded
 
 
-def _publish(build: "Any", final: Path, info: dict[str, Any]) -> Path:
+def _publish(build: Any, final: Path, info: dict[str, Any]) -> Path:
     """Build into a temporary sibling, write the completeness marker last, then rename into place atomically."""
     from filelock import FileLock
 
@@ -224,10 +224,11 @@ def cpu_model_dir() -> Path:
     return _publish(build, final, {"source": str(src), "source_head_sha256": digest, "name": CPU_MODEL_NAME})
 
 
-TINY_CONFIG: dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0,
-)
+TINY_CONFIG: dict[str, Any] = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+    "rope_theta": 10000.0,
+}
 
 
 def random_model_dir(name: str, config: dict[str, Any], seed: int = 0, dtype: str = "float32",

@@ -130,7 +130,7 @@ def check_notebook(path: Path) -> list[str]:
     if len(params) != 1:
         problems.append(f"needs exactly one cell tagged 'parameters', found {len(params)}")
     else:
-        missing = [n for n in PARAMETER_NAMES if not re.search(rf"^{n}\s*=", _src(params[0]), re.M)]
+        missing = [n for n in PARAMETER_NAMES if not re.search(rf"^{n}\s*=", _src(params[0]), re.MULTILINE)]
         if missing:
             problems.append(f"the parameters cell does not set {missing}")
     code = [c for c in cells if c.cell_type == "code"]
