@@ -396,3 +396,26 @@ def test_gguf_greedy_never_picks_suppressed_ids(tiny_gguf, tiny_tok):
     assert len(free) == 8 and free == export.gguf_greedy(llm, ids, 8)  # deterministic
     banned = export.gguf_greedy(llm, ids, 8, suppress_ids=[free[0]])
     assert len(banned) == 8 and free[0] not in banned
+
+
+def test_decode_rate_stays_sane_when_a_loaded_cpu_makes_the_prefill_run_slower():
+    import time as _time
+
+    from lora_course.export import _decode_rate
+
+    calls = []
+
+    def run(n: int) -> int:  # the 1-token runs are slowed down, as by another process on the same core
+        calls.append(n)
+        _time.sleep(0.03 if n == 1 else 0.002 * n)
+        return n
+
+    rate = _decode_rate(run, 10, repeats=2)
+    assert 0 < rate <= 10 / 0.02 * 1.5, rate  # at most ~ n / (the n-token run's time), never ~1e9
+    assert calls.count(10) == 2
+
+    def steady(n: int) -> int:  # prefill 20 ms, then 5 ms a token: the decode rate is 200 tokens/s
+        _time.sleep(0.02 + 0.005 * n)
+        return n
+
+    assert 150 < _decode_rate(steady, 20, repeats=2) < 230
