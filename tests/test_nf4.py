@@ -199,3 +199,29 @@ def test_qlora_init_matches_chapter_1_lora_linear():
     mine = nf4.QLoRALinear.from_linear(lin, r=4, alpha=8)
     assert torch.equal(mine.lora_A, ref.lora_A) and torch.equal(mine.lora_B, ref.lora_B)
     assert mine.scaling == ref.scaling
+
+
+def test_dequantized_copy_of_a_4bit_peft_model_computes_the_same_function(tiny):
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_course.models import tiny_model_dir
+    from lora_course.nf4 import dequantized_copy
+
+    q = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir(), dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    q = get_peft_model(q, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in q.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)  # a non-zero adapter, so the check covers it
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    d = dequantized_copy(q)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in d.modules())
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q.modules())  # the original is untouched
+    with torch.no_grad():
+        a, b = q(input_ids=ids).logits, d(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()

@@ -289,3 +289,31 @@ class QLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}, "
                 f"blocksize={self.blocksize}, double_quant={self.absmax2 is not None}, r={self.r}, "
                 f"alpha={self.alpha:g}")
+
+
+def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of a bitsandbytes 4-bit model (peft-wrapped or not) whose 4-bit layers hold their dequantized weights.
+
+    Why: on a CPU, bitsandbytes dequantizes every 4-bit weight at every forward call, so generating token by token
+    from a QLoRA model is slow. The copy computes the same function (the NF4 weights decoded once, the adapters
+    untouched) at plain-matmul speed; compare logits before trusting it. The original model is not changed.
+    """
+    import copy
+
+    import bitsandbytes as bnb
+
+    out = copy.deepcopy(model)
+    for name, module in list(out.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=w.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(dtype))
+        linear.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, child, linear)
+    return out
