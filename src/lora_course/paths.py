@@ -4,8 +4,13 @@ Every badge, setup cell and doc link is derived from ``REPO_URL``; ``tests/test_
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO_URL = "https://github.com/lora-course/lora-course"
 """The course's repository: the one place badges and Colab/Kaggle setup cells take it from."""
@@ -53,3 +58,61 @@ def colab_url(notebook: str) -> str:
 def kaggle_url(notebook: str) -> str:
     """The 'Open in Kaggle' address of ``notebooks/<notebook>`` (Kaggle imports from the GitHub blob URL)."""
     return f"https://kaggle.com/kernels/welcome?src={REPO_URL}/blob/{REPO_BRANCH}/notebooks/{notebook}"
+
+
+# ------------------------------------------------------------------------------------- cache directories
+CACHE_MARKER = "COMPLETE.json"
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """``{name: bytes}`` of the plain files directly in ``path`` (the completeness marker left out)."""
+    return {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file() and p.name != CACHE_MARKER}
+
+
+def read_complete(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The marker record of a published cache directory, or None if it is missing, half-built or altered since.
+
+    Complete means: the marker exists, its recorded file sizes equal the directory's, and every ``required``
+    entry (file or folder) exists. Anything else is never used; ``publish_directory`` rebuilds it.
+    """
+    marker = Path(path) / CACHE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("files") != file_sizes(path):
+        return None
+    return record if all((Path(path) / r).exists() for r in required) else None
+
+
+def publish_directory(final: Path, build: Callable[[Path], dict[str, Any] | None], info: dict[str, Any],
+                      required: tuple[str, ...] = ()) -> tuple[dict[str, Any], bool]:
+    """Build a cache directory once, safely among parallel processes: ``(marker record, built by this call)``.
+
+    Behind a file lock, ``build(tmp)`` fills a temporary sibling; the marker (``info``, what ``build`` returns and the
+    file sizes) is written last and the folder renamed into place atomically, so a reader sees a complete directory
+    or none. A half-built or altered directory found at ``final`` is removed and rebuilt, never used.
+    """
+    from filelock import FileLock
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        record = read_complete(final, required)
+        if record is not None:  # complete already, or another process finished it while this one waited
+            return record, False
+        if final.exists():
+            print(f"[lora_course] {final} is incomplete or corrupt: rebuilding it", file=sys.stderr)
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            record = {**info, **(build(tmp) or {})}
+            record["files"] = file_sizes(tmp)
+            (tmp / CACHE_MARKER).write_text(json.dumps(record, indent=1))
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return record, True
