@@ -19,7 +19,7 @@ export MPLBACKEND ?= Agg
 NB_WORKERS ?= 2
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: setup test unit notebooks course lab model data lint clean-build help test-gpu bench-gpu
+.PHONY: setup test unit notebooks course lab model data lint clean-build help test-gpu bench-gpu sweep
 
 help:
 	@echo "make test    - create .venv, install the pinned stack, run unit tests and every notebook (CPU profile)"
@@ -28,6 +28,7 @@ help:
 	@echo "make test-gpu - (GPU machine) every notebook in the GPU profile on a locally built ~1B Llama"
 	@echo "make bench-gpu - (GPU machine) SFT tokens/s and memory: the references' baseline vs the fast recipe"
 	@echo "make data    - regenerate data/ from the package's task generators"
+	@echo "make sweep   - chapter 7's experiment grid on the CPU (~1 h on 2 cores, resumable): results/experiments.json"
 
 setup: $(STAMP)
 
@@ -67,6 +68,13 @@ notebooks: setup model
 
 course: setup model
 	$(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS)
+
+# Chapter 7: the experiment grid (rank, target modules, memory vs quality, LoRA's variants; 3 seeds) on the cpu model.
+# About an hour on 2 cores: run it in the background (`make sweep > sweep.log 2>&1 &`). Each run's record is cached,
+# so an interrupted sweep resumes and an unchanged run is never repeated; notebook 09 reads results/experiments.json.
+sweep: setup
+	$(PY) -m lora_course.models --profile cpu
+	$(PY) -m lora_course.experiments --workers $(NB_WORKERS) --out results/experiments.json
 
 # GPU lane (a CUDA machine with the stack installed, e.g. the conda env of environment.yml): every notebook in the
 # GPU profile on a locally built ~1B Llama, plus the tests marked gpu. TOKENIZER_SOURCE: a folder with the course

@@ -349,6 +349,33 @@ def _malloc_trim() -> None:
         pass
 
 
+def cpu_peak_start(model: Any) -> tuple[int, int]:
+    """Start measuring a CPU training peak: returns (the model's tensor bytes, RSS now) and resets peak RSS.
+
+    CPU has no max_memory_allocated. The model's own bytes are counted from its tensors: after loading, RSS also
+    holds the mmapped safetensors pages and heap that the loader freed but glibc kept. Training's growth
+    (gradients, optimizer states, activations) is the rise of peak RSS over RSS just before it; glibc must return
+    freed blocks to the OS for that (run with ``MALLOC_MMAP_THRESHOLD_=65536``, as ``measure_peak`` does).
+    """
+    import torch
+
+    load_bytes = _state_bytes(model)
+    with torch.no_grad():  # safetensors weights are mmapped: page them all in now, or training's first read
+        for t in [*model.parameters(), *model.buffers()]:  # of each weight would count as training memory
+            t.sum()
+    _malloc_trim()
+    base = _rss()
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS: loading peaks excluded
+        f.write("5")
+    return load_bytes, base
+
+
+def cpu_peak_bytes(mark: tuple[int, int]) -> int:
+    """The CPU training peak since ``cpu_peak_start``: the model's tensor bytes plus the rise of peak RSS."""
+    load_bytes, base = mark
+    return load_bytes + _rss("VmHWM") - base
+
+
 def load_for_method(method: str, profile: str, model_id: str | None, r: int = 16,
                     targets: tuple[str, ...] = ALL_LINEAR, gradient_checkpointing: bool = False) -> tuple[Any, Any]:
     """The model ready to train by ``method``: all weights trainable, a LoRA on the base, or a QLoRA (NF4 base)."""
@@ -436,18 +463,8 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
         load_bytes = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        # CPU has no max_memory_allocated. The model's own bytes are counted from its tensors: after loading, RSS
-        # also holds the mmapped safetensors pages and heap that the loader freed but glibc kept. Training's
-        # growth (gradients, optimizer states, activations) is the rise of peak RSS over RSS just before it; glibc
-        # must return freed blocks to the OS for that (measure_peak sets MALLOC_MMAP_THRESHOLD_, see there).
-        load_bytes = _state_bytes(model)
-        with torch.no_grad():  # safetensors weights are mmapped: page them all in now, or training's first read
-            for t in [*model.parameters(), *model.buffers()]:  # of each weight would count as training memory
-                t.sum()
-        _malloc_trim()
-        train_base = _rss()
-        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS: loading peaks excluded
-            f.write("5")
+        mark = cpu_peak_start(model)
+        load_bytes = mark[0]
     model.train()
     losses, t0 = [], time.perf_counter()
     for b in batches:
@@ -459,7 +476,7 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
     if cuda:
         torch.cuda.synchronize()
     sec = (time.perf_counter() - t0) / max(steps, 1)
-    measured = torch.cuda.max_memory_allocated() if cuda else load_bytes + _rss("VmHWM") - train_base
+    measured = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(mark)
     dtype = "fp32" if not cuda else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     setup = TrainingSetup(method, batch_size, seq_len, dtype, "adamw", gradient_checkpointing=gradient_checkpointing,
                           r=r, targets=ALL_LINEAR,

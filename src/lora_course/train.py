@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +33,13 @@ class TrainLog:
 
 def train_steps(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: int = 40,
                 batch_size: int = 8, lr: float = 1e-3, seed: int = 0, max_length: int = 128,
-                log_every: int = 0, weight_decay: float = 0.0) -> TrainLog:
+                log_every: int = 0, weight_decay: float = 0.0, optimizer: Any = None,
+                on_step: Callable[[int], None] | None = None) -> TrainLog:
     """Train the model's trainable parameters for ``steps`` AdamW steps on shuffled ``examples``.
 
-    Batches cycle through a seeded shuffle of the data; the loss is on the answer tokens only.
+    Batches cycle through a seeded shuffle of the data; the loss is on the answer tokens only. ``optimizer``
+    replaces the default AdamW (e.g. LoRA+'s, which gives B a larger learning rate than A); ``on_step(step)`` runs
+    after each optimizer step, before the gradients are cleared (AdaLoRA's rank allocation reads them there).
     """
     import torch
 
@@ -46,7 +50,7 @@ def train_steps(model: Any, tokenizer: Any, examples: list[dict[str, Any]], step
     rng = random.Random(seed)
     feats = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
     order: list[int] = []
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     device = params[0].device
     log = TrainLog()
     model.train()
@@ -61,6 +65,8 @@ def train_steps(model: Any, tokenizer: Any, examples: list[dict[str, Any]], step
         loss = model(**batch).loss
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step(step)
         opt.zero_grad(set_to_none=True)
         log.losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:

@@ -1,0 +1,225 @@
+"""Chapter 7's sweep runner: configurations, cache keys, the on-disk cache, resuming, staleness, and the analysis."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from lora_course import experiments as ex
+
+
+# ------------------------------------------------------------------------------------------- configurations
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ex.ExperimentConfigError) as err:
+        ex.make_config(method="lora", rank=8)
+    assert "rank" in str(err.value)
+    for key in ex.CONFIG_KEYS:
+        assert key in str(err.value)
+
+
+def test_unknown_variant_lists_the_valid_ones():
+    with pytest.raises(ex.ExperimentConfigError) as err:
+        ex.make_config(method="lorra")
+    assert "lorra" in str(err.value)
+    for m in ex.METHODS:
+        assert m in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"targets": "q,v"}, "q,k,v,o"), ({"task": "poetry"}, "technical"),
+                                            ({"steps": 0}, "steps"), ({"lr": -1.0}, "lr")])
+def test_bad_values_are_named(kwargs, needle):
+    with pytest.raises(ex.ExperimentConfigError) as err:
+        ex.make_config(**kwargs)
+    assert needle in str(err.value)
+
+
+def test_unknown_study_lists_the_studies():
+    with pytest.raises(ex.ExperimentConfigError) as err:
+        ex.grid("ranks")
+    assert all(s in str(err.value) for s in ex.STUDIES)
+
+
+def test_defaults_resolve_per_method():
+    assert ex.make_config(method="full").lr == ex.DEFAULT_LR["full"]
+    assert ex.make_config(method="lora", r=4).alpha == 8.0
+    assert ex.make_config(method="lora", lr=1e-4).lr == 1e-4
+
+
+def test_grid_covers_the_studies_once():
+    grid = ex.full_grid()
+    assert len(grid) == len(set(grid))
+    methods = {c.method for c in grid}
+    assert methods == set(ex.METHODS)
+    assert {c.r for c in grid if c.method == "lora" and c.targets == "all" and c.steps == 20} == set(ex.RANKS)
+    assert {c.targets for c in grid if c.method == "lora"} == set(ex.TARGET_SETS)
+    # LoRA r=8 on all layers serves the rank, target, memory and variant studies: once per seed.
+    shared = [c for c in grid if c == replace(ex.make_config(), seed=c.seed)]
+    assert sorted(c.seed for c in shared) == [0, 1, 2]
+    for s, seeds in ex.STUDY_SEEDS.items():
+        assert {c.seed for c in ex.grid(s)} == set(seeds)
+
+
+# ------------------------------------------------------------------------------------------------- keys
+def test_run_key_changes_with_config_model_and_code():
+    cfg = ex.make_config()
+    model = {"name": "m"}
+    key = ex.run_key(cfg, model, "c1")
+    assert key == ex.run_key(ex.make_config(), {"name": "m"}, "c1")  # stable
+    assert key != ex.run_key(replace(cfg, seed=1), model, "c1")
+    assert key != ex.run_key(cfg, {"name": "other"}, "c1")
+    assert key != ex.run_key(cfg, model, "c2")
+    # Unset defaults and their explicit values are the same run.
+    assert ex.run_key(ex.RunConfig(), model, "c1") == ex.run_key(ex.make_config(lr=3e-3, alpha=16), model, "c1")
+
+
+def test_code_version_is_stable_and_hex():
+    v = ex.code_version()
+    assert v == ex.code_version() and len(v) == 12
+    int(v, 16)
+
+
+def test_model_identity_is_stable_and_path_free(tmp_path):
+    ident = ex.model_identity("tiny")
+    assert ident == ex.model_identity("tiny")
+    assert "/" not in json.dumps(ident["name"])
+    assert ident["weights"]
+    assert ex.model_identity("gpu", "some-org/some-model") == {"name": "some-org/some-model"}
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def test_cache_round_trip_and_corruption(tmp_path, capsys):
+    rec = {"metric": 0.5, "label": "x"}
+    path = ex.write_cached("abc", rec, tmp_path)
+    assert ex.read_cached("abc", tmp_path) == rec
+    assert ex.read_cached("missing", tmp_path) is None
+    # A record edited after caching fails its checksum: ignored, moved aside, never used.
+    entry = json.loads(path.read_text())
+    entry["record"]["metric"] = 0.9
+    path.write_text(json.dumps(entry))
+    assert ex.read_cached("abc", tmp_path) is None
+    assert "corrupt" in capsys.readouterr().err
+    assert not path.exists() and path.with_suffix(".corrupt").exists()
+    # A truncated file, and an entry stored under another key.
+    path.write_text('{"key": "abc", "sha')
+    assert ex.read_cached("abc", tmp_path) is None
+    ex.write_cached("def", rec, tmp_path)
+    (tmp_path / "def.json").replace(tmp_path / "abc.json")
+    assert ex.read_cached("abc", tmp_path) is None
+
+
+# --------------------------------------------------------------------------------------------- real runs
+@pytest.mark.parametrize("method", ex.METHODS)
+def test_every_method_trains_and_is_measured(method):
+    rec = ex.run_one(ex.make_config(method=method, steps=2, batch_size=2, eval_n=2), profile="tiny")
+    assert rec["config"]["method"] == method
+    assert 0 < rec["trainable_params"] <= rec["base_params"]
+    assert (rec["trainable_pct"] == 100.0) == (method == "full")
+    assert rec["peak_mib"] > 0 and rec["sec_per_step"] > 0
+    assert len(rec["losses"]) == 2 and all(math.isfinite(x) for x in rec["losses"])
+    assert 0.0 <= rec["metric"] <= 1.0 and rec["perplexity"] > 1.0
+
+
+def test_parameter_counts_order():
+    counts = {m: ex.run_one(ex.make_config(method=m, steps=1, batch_size=1, eval_n=1), profile="tiny")
+              ["trainable_params"] for m in ("lora", "vera", "ia3", "full")}
+    assert counts["ia3"] < counts["lora"] < counts["full"]
+    assert counts["vera"] < counts["lora"]
+
+
+def test_sweep_caches_resumes_and_reruns_corrupt_entries(tmp_path):
+    cfgs = [ex.make_config(method="lora", steps=2, batch_size=2, eval_n=2, r=2)]
+    first = ex.run_sweep(cfgs, profile="tiny", workers=1, cache_root=tmp_path, progress=False)
+    assert (first.ran, first.cached, first.failed) == (1, 0, [])
+    rec = first.records[0]
+    assert rec["model"] == ex.model_identity("tiny") and rec["code_version"] == ex.code_version()
+    assert {"versions", "machine", "wall_seconds", "peak_mib"} <= set(rec)
+    again = ex.run_sweep(cfgs, profile="tiny", workers=1, cache_root=tmp_path, progress=False)
+    assert (again.ran, again.cached) == (0, 1) and again.records == first.records
+    # Corrupt the cached entry: detected, re-run, and the fresh record (same seed) matches the first.
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_text(entry.read_text()[:50])
+    third = ex.run_sweep(cfgs, profile="tiny", workers=1, cache_root=tmp_path, progress=False)
+    assert (third.ran, third.cached) == (1, 0)
+    assert third.records[0]["losses"] == rec["losses"]
+
+    out = ex.write_results(third, tmp_path / "results.json", "test")
+    res = ex.load_results(out, profile="tiny")
+    assert not res.stale, res.reasons
+    assert res.find(r=2) == res.records
+
+
+# ------------------------------------------------------------------------------------------ stale results
+def _doc(tmp_path: Path, **overrides) -> Path:
+    doc = {"model": ex.model_identity("tiny"), "code_version": ex.code_version(), "records": [], **overrides}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_results_from_another_model_or_code_are_stale(tmp_path):
+    assert not ex.load_results(_doc(tmp_path), profile="tiny").stale
+    other_model = ex.load_results(_doc(tmp_path, model={"name": "SmolLM2-360M"}), profile="tiny")
+    assert other_model.stale and "model" in other_model.reasons[0]
+    other_code = ex.load_results(_doc(tmp_path, code_version="000000000000"), profile="tiny")
+    assert other_code.stale and "code version" in other_code.reasons[0]
+
+
+def test_missing_or_malformed_results_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make sweep"):
+        ex.load_results(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="make sweep"):
+        ex.load_results(bad)
+    bad.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="records"):
+        ex.load_results(bad)
+
+
+# --------------------------------------------------------------------------------------------- analysis
+def _rec(seed: int, metric: float, **cfg) -> dict:
+    c = ex.make_config(seed=seed, **cfg)
+    return {"config": asdict(c), "label": c.label, "metric": metric, "perplexity": 2.0 + metric,
+            "trainable_params": 10, "trainable_pct": 0.1, "peak_mib": 100.0, "sec_per_step": 1.0,
+            "train_seconds": 20.0}
+
+
+def test_study_rows_aggregate_over_seeds():
+    recs = [_rec(s, m, r=1) for s, m in enumerate((0.1, 0.2, 0.3))] + [_rec(s, 0.5, r=8) for s in range(3)]
+    rows = ex.study_rows(recs, "rank")
+    assert [r["r"] for r in rows] == [1, 8]
+    assert rows[0]["n"] == 3 and rows[0]["metric"] == pytest.approx(0.2)
+    assert rows[0]["metric_std"] == pytest.approx(0.1)
+    assert rows[1]["metric_std"] == 0.0
+    assert "0.200 ± 0.100 (n=3)" in ex.format_rows(rows)
+
+
+def test_effect_against_the_spread():
+    a = {"label": "a", "metric": 0.5, "metric_std": 0.05}
+    assert ex.effect(a, {"label": "b", "metric": 0.55, "metric_std": 0.05}).verdict == "within noise"
+    assert ex.effect(a, {"label": "b", "metric": 0.8, "metric_std": 0.05}).verdict == "b better"
+    assert ex.effect(a, {"label": "b", "metric": 0.2, "metric_std": 0.0}).verdict == "a better"
+    # One eval example (1/30) is the floor of the noise even when the seeds agree exactly.
+    tie = ex.effect({"label": "a", "metric": 0.5, "metric_std": 0.0}, {"label": "b", "metric": 0.55, "metric_std": 0.0})
+    assert tie.verdict == "within noise"
+
+
+def test_claims_are_judged_from_the_records():
+    recs = []
+    for s in range(3):
+        recs += [_rec(s, 0.1, r=1), _rec(s, 0.6, r=8), _rec(s, 0.62, r=64), _rec(s, 0.6 + 0.01 * s, method="full")]
+    claims = {c["claim"]: c["verdict"] for c in ex.check_claims(recs)}
+    assert claims["Diminishing returns above r=8 (r=1 clearly worse, r=64 hardly better)"] == "supported"
+    assert claims["Full fine-tuning gives the best quality"].startswith("not supported")
+    assert any(v.startswith("out of reach") for v in claims.values())
+    table = ex.format_claims(ex.check_claims(recs))
+    assert table.count("\n") == len(claims) + 1
+
+
+def test_reference_tables_are_labelled_as_claims():
+    for study in ("rank", "targets", "memory", "variants"):
+        text = ex.reference_table(study)
+        assert "claim" in text and "not measured here" in text
