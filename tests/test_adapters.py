@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 
 from lora_course.adapters import (
     BASE,
@@ -265,7 +266,7 @@ def test_compiled_hotswap_does_not_recompile(dirs, prepared):
         reg.hotswap("slot", dirs["r16"])
 
 
-def test_unsloth_models_refuse_routing_but_activate(dirs):
+def test_unsloth_models_route_with_every_routed_adapter_active_in_every_layer(dirs):
     model, tok = load_base("tiny")
     cls = type(model)
 
@@ -280,8 +281,27 @@ def test_unsloth_models_refuse_routing_but_activate(dirs):
     reg.load("b", dirs["b"])
     reg.activate("b")
     assert reg.generate(PROMPTS[:1], max_new_tokens=3)
-    with pytest.raises(AdapterRegistryError, match="Unsloth"):
-        reg.generate(PROMPTS[:2], ["a", "b"])
+    layers = [m for m in reg.model.modules() if isinstance(m, LoraLayer)]
+    alone = []
+    for p, n in zip(PROMPTS[:3], ["a", "b", BASE]):
+        reg.activate(n)
+        alone.append(reg.next_token_logits([p]))
+    reg.activate("b")
+    seen = set()
+    # Unsloth's kernels hand the work to layer(x) when a layer has several active adapters: record that state
+    hooks = [m.register_forward_pre_hook(lambda m, _: seen.add((tuple(m.active_adapters), m.disable_adapters)))
+             for m in layers]
+    mixed = reg.next_token_logits(PROMPTS[:3], ["a", "b", BASE])
+    assert seen == {(("a", "b"), False)}
+    seen.clear()
+    single = reg.next_token_logits([PROMPTS[0], PROMPTS[2]], ["a", BASE])
+    assert seen == {(("a", "a"), False)}
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(single, torch.cat([alone[0], alone[2]]), rtol=1e-4, atol=1e-4)
+    assert {(tuple(m.active_adapters), m.disable_adapters) for m in layers} == {(("b",), False)}  # restored
+    assert reg.generate(PROMPTS[:2], ["a", "b"], max_new_tokens=3)
 
 
 RECIPE = AdapterRecipe("creative", steps=3, lr=1e-3, batch_size=2, max_length=64)

@@ -26,9 +26,16 @@ Two departures from plain peft, both measured in notebook 07 and the benchmark:
   rank slice: ``base(x) + ((x @ A_all.T) * mask) @ B_all.T``. peft instead slices the batch per adapter in every
   layer. The idea of batching many LoRAs over one base is S-LoRA's and Punica's (arXiv 2311.03285, 2310.18547).
 
+On a model loaded through Unsloth's ``FastLanguageModel`` (``is_unsloth_model``), Unsloth's fused kernels read the
+single active adapter's A, B and scaling straight from each LoRA layer and never call the layer's forward, so a
+routed forward would be bypassed. Every one of those kernels (``fast_linear_forward``, ``apply_lora_qkv``, ...) falls
+back to calling the layer when it has several active adapters; while routing, the registry therefore marks the
+routed adapters active together in every LoRA layer (restored afterwards), and the routed forward runs inside
+Unsloth's prefill and decode steps too. ``lora_course.unsloth_serving`` measures all of this on a GPU.
+
 Sources: peft ``tuners/lora/layer.py`` (``_mixed_batch_forward``), ``tuners/tuners_utils.py`` (``set_adapter``),
-``utils/hotswap.py``; Unsloth ``kernels/utils.py`` (``get_lora_parameters``: its fused inference kernels read the
-active adapter's weights directly, which is why routing is refused on Unsloth models).
+``utils/hotswap.py``; Unsloth 2026.10 ``kernels/utils.py`` (``get_lora_parameters``, ``fast_linear_forward``,
+``_has_multiple_active_adapters``), ``models/llama.py`` (``LlamaModel_fast_forward_inference``).
 """
 from __future__ import annotations
 
@@ -386,10 +393,6 @@ class AdapterRegistry:
             raise AdapterRegistryError("adapter_names is empty: give one name per prompt")
         for n in names:
             self._require(n, allow_base=True)
-        if self.unsloth:
-            raise AdapterRegistryError(
-                "this model runs through Unsloth's fused inference kernels, which read the active adapter's weights "
-                "directly and bypass per-row routing: call activate(name) and generate one adapter's rows per batch")
         if self.model.training:
             raise AdapterRegistryError("the model is in training mode: call registry.model.eval() before routing rows")
         unique = tuple(sorted(set(names) - {BASE}))
@@ -428,10 +431,33 @@ class AdapterRegistry:
         try:
             for layer, pack in zip(layers, packs):
                 layer.forward = make(layer, pack)
-            yield
+            with self._unsloth_calls_layers(unique):
+                yield
         finally:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
+
+    @contextmanager
+    def _unsloth_calls_layers(self, names: Sequence[str]) -> Iterator[None]:
+        """On an Unsloth model: make its fused kernels call each LoRA layer's forward instead of reading one adapter.
+
+        Unsloth's fast paths (``fast_linear_forward``, ``apply_lora_qkv``, ``apply_lora_o``, the MLP kernels) hand the
+        work back to ``layer(x)`` when a layer has more than one active adapter; the routed forward (or peft's
+        mixed-batch forward) then serves each row. The layers' previous state is restored on exit. A no-op elsewhere.
+        """
+        if not self.unsloth or self.peft_model is None:
+            yield
+            return
+        routed = list(names) if len(names) > 1 else [names[0], names[0]]  # any list of two or more names
+        saved = [(d.get("_active_adapter"), d.get("_disable_adapters")) for d in self._layer_dicts]
+        for d in self._layer_dicts:
+            d["_disable_adapters"] = False
+            d["_active_adapter"] = routed
+        try:
+            yield
+        finally:
+            for d, (active, disabled) in zip(self._layer_dicts, saved):
+                d["_active_adapter"], d["_disable_adapters"] = active, disabled
 
     @contextmanager
     def _base_only(self) -> Iterator[None]:
@@ -479,7 +505,8 @@ class AdapterRegistry:
                     self._require(n, allow_base=True)
                 if self.peft_model is None:
                     raise AdapterRegistryError("engine='peft' needs at least one loaded adapter")
-                ids = self.peft_model.generate(**batch, adapter_names=list(adapter_names), **kwargs)
+                with self._unsloth_calls_layers(sorted(set(adapter_names) - {BASE}) or self.names[:1]):
+                    ids = self.peft_model.generate(**batch, adapter_names=list(adapter_names), **kwargs)
             else:
                 with self.routed(adapter_names):
                     ids = self.model.generate(**batch, **kwargs)

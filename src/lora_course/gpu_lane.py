@@ -11,6 +11,7 @@ model can show (they say so in their output).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {write_report(runs, a.out)}")
     rc = 0 if all(r.ok for r in runs) else 1
     if not a.skip_tests:
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], check=False)
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], check=False,
+                               env={**os.environ, "LORA_COURSE_GPU_MODEL": model_id})  # the model the tests serve
         rc = rc or (tests.returncode if tests.returncode != 5 else 0)  # 5: no test marked gpu was collected
     return rc
 
