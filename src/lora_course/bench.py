@@ -58,6 +58,7 @@ class BenchConfig:
     warmup_steps: int = 10
     measure_steps: int = 20
     precision: str | None = None  # None: the recipe's choice for the hardware
+    grad_accum: int = 1  # micro-batches per optimizer step (one "step" below is one optimizer step)
 
 
 BASELINE = BenchConfig("baseline (transformers+bnb+peft, padded, paged_adamw_8bit, grad ckpt)", "transformers",
@@ -65,6 +66,39 @@ BASELINE = BenchConfig("baseline (transformers+bnb+peft, padded, paged_adamw_8bi
 FAST = BenchConfig("fast (Unsloth NF4, padding-free, adamw_8bit, Unsloth grad ckpt)", "unsloth", "padding_free",
                    "adamw_8bit", True, True)
 PRESETS: dict[str, BenchConfig] = {"baseline": BASELINE, "fast": FAST}
+
+
+def parse_configs(spec: str, **common: Any) -> list[BenchConfig]:
+    """Configs from ``"baseline,fast@batch_size=16"``: presets, each with optional ``@field=value`` overrides.
+
+    ``common`` (e.g. the command line's batch size and step counts) applies first, the overrides after it; a
+    config with overrides gets them appended to its name, so every row of a table says what it ran.
+    """
+    types = {f: type(getattr(BASELINE, f)) for f in asdict(BASELINE) if f not in ("name", "precision")}
+    configs = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        preset, *overrides = item.split("@")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+        cfg = replace(PRESETS[preset], **common)
+        changes: dict[str, Any] = {}
+        for ov in overrides:
+            key, _, value = ov.partition("=")
+            if key == "precision":
+                changes[key] = value or None
+            elif key not in types or not value:
+                raise ValueError(f"bad override {ov!r} in {item!r}: use field=value with a field among "
+                                 f"{', '.join(sorted(types))} or precision")
+            elif types[key] is bool:
+                changes[key] = value.lower() in ("1", "true", "yes", "on")
+            else:
+                changes[key] = types[key](value)
+        if changes:
+            cfg = replace(cfg, **changes, name=cfg.name + " [" + ", ".join(f"{k}={v}" for k, v in changes.items()) + "]")
+        configs.append(cfg)
+    if not configs:
+        raise ValueError("no configs given")
+    return configs
 
 
 def side_by_side(cuda: bool, **common: Any) -> list[BenchConfig]:
@@ -78,10 +112,11 @@ def side_by_side(cuda: bool, **common: Any) -> list[BenchConfig]:
 
 
 def notebook_settings(cuda: bool) -> dict[str, int]:
-    """Notebook 06's benchmark size: seconds per recipe on a laptop CPU; on a GPU, longer chats and a warm-up that
-    covers kernel compilation (each recipe then takes about a minute, most of it loading and compiling)."""
+    """Notebook 06's benchmark size: seconds per recipe on a laptop CPU; on a GPU, a short table (the full
+    benchmark is ``make bench-gpu``): chats of median 256 tokens, 6 warm-up and 8 measured steps per recipe, the two
+    recipes of each backend in one process (``run_isolated_many``), so Unsloth is imported and compiled once."""
     if cuda:
-        return {"batch_size": 8, "median": 384, "max_length": 1024, "warmup_steps": 10, "measure_steps": 15}
+        return {"batch_size": 8, "median": 256, "max_length": 512, "warmup_steps": 6, "measure_steps": 8}
     return {"batch_size": 4, "median": 80, "max_length": 128, "warmup_steps": 1, "measure_steps": 2}
 
 
@@ -99,7 +134,9 @@ class BenchResult:
     padding_share: float  # share of the computed token slots that were padding
     real_tokens: int
     losses: list[float] = field(default_factory=list)
-    forward_calls: int = 0  # training forward passes seen (one per step: the token counts are the model's inputs)
+    forward_calls: int = 0  # training forward passes seen (grad_accum per step: the counts are the model's inputs)
+    setup_s: float | None = None  # loading the model and building the trainer, seconds
+    run_s: float | None = None  # the whole run in its process: setup, warm-up and measured steps, seconds
 
     def row(self) -> str:
         mfu = f"{100 * self.mfu:5.1f}%" if self.mfu is not None else "n/a"
@@ -215,13 +252,15 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
     recipe = build_recipe(hw, config.backend, config.batch_size, config.max_length, r=config.r,
                           load_in_4bit=config.load_in_4bit, batching=config.batching, quiet=True)
     recipe = replace(recipe, optim=config.optim, gradient_checkpointing=config.gradient_checkpointing,
-                     per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=1,
+                     per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
                      precision=config.precision or recipe.precision)
     steps = config.warmup_steps + config.measure_steps
+    t_setup = time.perf_counter()
     if not cuda and os.path.exists("/proc/self/clear_refs"):
         with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS to the current RSS
             f.write("5")
     rss0 = _rss("VmRSS")
+    held0 = torch.cuda.memory_allocated() if cuda else 0  # left by an earlier run in this process (0 in a fresh one)
     model, tok = load_for_sft(recipe, source, seed=seed)
     shape = ModelShape.from_config(model.config)
     args = recipe.sft_config(output_dir or tempfile.mkdtemp(prefix="bench-"), steps, seed=seed,
@@ -241,7 +280,17 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             self.t.append(self._now())
+            if profiler is not None and len(self.t) == config.warmup_steps + 1:
+                profiler.start()
+            if profiler is not None and len(self.t) == config.warmup_steps + 4:
+                profiler.stop()
 
+    profiler = None
+    profile_dir = os.environ.get("LORA_COURSE_BENCH_PROFILE")
+    if profile_dir and config.measure_steps >= 3:  # 3 measured steps under torch.profiler (they run slower)
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
     timer = Timer()
     trainer = make_trainer(model, args, Dataset.from_list(rows), tok, quiet=True, callbacks=[timer])
     calls: list[tuple[int, list[int]]] = []  # per forward: (computed token slots, real sequence lengths)
@@ -249,13 +298,18 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
         lambda mod, args_, kwargs: calls.append(batch_shape(kwargs)) if mod.training else None, with_kwargs=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    setup_s = time.perf_counter() - t_setup
     out = trainer.train()
     hook.remove()
-    peak = torch.cuda.max_memory_allocated() if cuda else max(_rss("VmHWM") - rss0, 0) if fresh_process else None
-    W = config.warmup_steps
-    if len(calls) != steps:
-        raise RuntimeError(f"{len(calls)} training forward passes for {steps} steps: the counts would not match")
-    wall = timer.t[-1] - timer.t[W]
+    peak = (torch.cuda.max_memory_allocated() - held0 if cuda else
+            max(_rss("VmHWM") - rss0, 0) if fresh_process else None)
+    W = config.warmup_steps * config.grad_accum  # forward passes left out
+    if len(calls) != steps * config.grad_accum:
+        raise RuntimeError(f"{len(calls)} training forward passes for {steps} steps x {config.grad_accum} micro-batches:"
+                           " the counts would not match")
+    wall = timer.t[-1] - timer.t[config.warmup_steps]
+    if profiler is not None:
+        _write_profile(profiler, Path(profile_dir), config.name, wall / config.measure_steps, cuda)
     measured_tokens = sum(sum(seqs) for _, seqs in calls[W:])
     flops = sum(training_flops(shape, seqs, config.r) for _, seqs in calls[W:])
     peak_tf = gpu_peak_tflops(hw.name) if cuda else None
@@ -264,7 +318,21 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
     del out
     return BenchResult(config.name, asdict(config), hw.name, measured_tokens / wall, wall / config.measure_steps,
                        None if peak is None else peak / 2**20, flops / wall / (peak_tf * 1e12) if peak_tf else None,
-                       1 - real_all / computed_all, measured_tokens, losses, len(calls))
+                       1 - real_all / computed_all, measured_tokens, losses, len(calls), round(setup_s, 2),
+                       round(time.perf_counter() - t_setup, 2))
+
+
+def _write_profile(profiler: Any, folder: Path, name: str, sec_per_step: float, cuda: bool) -> None:
+    """Where 3 profiled steps spent their time: the top ops by self CUDA time and by CPU time, to a text file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ka = profiler.key_averages()
+    stem = "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
+    kernel_us = sum(e.self_device_time_total for e in ka) if cuda else 0
+    lines = [name, f"measured s/step (unprofiled steps included): {sec_per_step:.3f}",
+             f"GPU kernel time per profiled step: {kernel_us / 3 / 1e6:.3f} s", "",
+             ka.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25), "",
+             ka.table(sort_by="cpu_time_total", row_limit=25)]
+    (folder / f"{stem}.txt").write_text("\n".join(lines))
 
 
 def batch_shape(inputs: dict[str, Any]) -> tuple[int, list[int]]:
@@ -290,20 +358,48 @@ def batch_shape(inputs: dict[str, Any]) -> tuple[int, list[int]]:
 
 def run_isolated(config: BenchConfig, source: str, rows_file: str, seed: int = 0, timeout: float = 600) -> BenchResult:
     """``run_config`` in a fresh Python process (Unsloth's patches and memory peaks stay inside it)."""
-    job = {"config": asdict(config), "source": source, "rows_file": rows_file, "seed": seed}
+    return run_isolated_many([config], source, rows_file, seed, timeout)[0]
+
+
+def run_isolated_many(configs: list[BenchConfig], source: str, rows_file: str, seed: int = 0,
+                      timeout: float = 900) -> list[BenchResult]:
+    """``run_config`` for each config, one after another in one fresh Python process.
+
+    All configs must use the same backend: Unsloth patches transformers for the whole process, so plain and
+    Unsloth recipes never share one. Importing and compiling once saves time (notebook 06); each run's model is
+    freed before the next, and its peak memory is counted from what the process held before it loaded its model
+    (0 for the first).
+    """
+    if len({c.backend for c in configs}) != 1:
+        raise ValueError(f"one process runs one backend, got {sorted({c.backend for c in configs})}")
+    job = {"configs": [asdict(c) for c in configs], "source": source, "rows_file": rows_file, "seed": seed}
     proc = subprocess.run([sys.executable, "-m", "lora_course.bench", "--one", json.dumps(job)], check=False,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"name"')]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"benchmark run {config.name!r} failed (exit {proc.returncode}):\n"
-                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return BenchResult(**json.loads(lines[-1]))
+    if proc.returncode != 0 or len(lines) != len(configs):
+        names = ", ".join(repr(c.name) for c in configs)
+        raise RuntimeError(f"benchmark run {names} failed (exit {proc.returncode}, {len(lines)} of {len(configs)} "
+                           f"results):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return [BenchResult(**json.loads(ln)) for ln in lines]
+
+
+def run_grouped(configs: list[BenchConfig], source: str, rows_file: str, seed: int = 0) -> list[BenchResult]:
+    """``run_isolated_many`` once per backend (in the order the backends first appear); results in ``configs``' order."""
+    by_backend: dict[str, list[BenchConfig]] = {}
+    for c in configs:
+        by_backend.setdefault(c.backend, []).append(c)
+    done: dict[str, BenchResult] = {}
+    for group in by_backend.values():
+        for c, r in zip(group, run_isolated_many(group, source, rows_file, seed)):
+            done[c.name] = r
+    return [done[c.name] for c in configs]
 
 
 def make_rows(tokenizer: Any, config: BenchConfig, median: int, sigma: float = 0.6, seed: int = 0,
               spare: float = 2.0) -> list[dict[str, list[int]]]:
     """Enough conversations for ``config`` (``spare`` times the rows its steps consume, for packing)."""
-    n = int(spare * config.batch_size * (config.warmup_steps + config.measure_steps)) + config.batch_size
+    n = int(spare * config.batch_size * config.grad_accum * (config.warmup_steps + config.measure_steps)) + \
+        config.batch_size
     lo = min(32, median)
     return conversations(tokenizer, varied_lengths(n, median, sigma, lo, config.max_length, seed),
                          config.max_length, seed)
@@ -327,24 +423,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-shape", action="store_true", help="build the random-init Llama-3.2-1B shape locally")
     p.add_argument("--tokenizer-source", help="folder with the course tokenizer (for --build-shape on a machine "
                    "without the course's model wheel)")
-    p.add_argument("--configs", default="baseline,fast", help=f"comma-separated presets: {', '.join(PRESETS)}")
+    p.add_argument("--configs", default="baseline,fast",
+                   help=f"comma-separated presets ({', '.join(PRESETS)}), each with optional @field=value overrides, "
+                   "e.g. baseline,baseline@grad_accum=2,fast@batch_size=16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--median-length", type=int, default=384, help="median conversation length in tokens")
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--steps", type=int, default=25, help="measured steps after warm-up")
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--out", type=Path, help="write the results as JSON here (rewritten after every recipe)")
+    p.add_argument("--group", action="store_true", help="run the recipes of one backend in one process (faster; "
+                   "each peak is then counted from the memory held before its model loaded)")
     p.add_argument("--dry-run", action="store_true", help="CPU check on the tiny model: padded vs padding-free")
     a = p.parse_args(argv)
     if a.one:
         job = json.loads(a.one)
-        if job["config"]["backend"] == "unsloth":
+        if job["configs"][0]["backend"] == "unsloth":
             from .sft import import_unsloth
 
             import_unsloth()  # first: Unsloth patches transformers' classes as it is imported
         rows = json.loads(Path(job["rows_file"]).read_text())
-        res = run_config(BenchConfig(**job["config"]), job["source"], rows, job["seed"], fresh_process=True)
-        print(json.dumps(asdict(res)), flush=True)
+        for i, cfg in enumerate(job["configs"]):
+            if i:
+                import gc
+
+                import torch
+
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            res = run_config(BenchConfig(**cfg), job["source"], rows, job["seed"], fresh_process=i == 0)
+            print(json.dumps(asdict(res)), flush=True)
         return 0
     from transformers import AutoTokenizer
 
@@ -365,32 +474,55 @@ def main(argv: list[str] | None = None) -> int:
             source = a.model_dir
         else:
             p.error("give --model-dir DIR, or --build-shape --tokenizer-source DIR, or --dry-run")
-        unknown = [c for c in a.configs.split(",") if c not in PRESETS]
-        if unknown:
-            p.error(f"unknown preset(s) {unknown}: choose from {', '.join(PRESETS)}")
-        configs = [replace(PRESETS[c], batch_size=a.batch_size, max_length=a.max_length, warmup_steps=a.warmup,
-                           measure_steps=a.steps) for c in a.configs.split(",")]
+        try:
+            configs = parse_configs(a.configs, batch_size=a.batch_size, max_length=a.max_length,
+                                    warmup_steps=a.warmup, measure_steps=a.steps)
+        except ValueError as e:
+            p.error(str(e))
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
-    rows = make_rows(tok, max(configs, key=lambda c: c.warmup_steps + c.measure_steps), a.median_length)
+    rows = make_rows(tok, max(configs, key=lambda c: c.batch_size * c.grad_accum * (c.warmup_steps + c.measure_steps)),
+                     a.median_length)
     rows_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-rows-{os.getpid()}.json"
     rows_file.write_text(json.dumps(rows))
     lengths = [len(r["input_ids"]) for r in rows]
     print(f"model {source}\n{len(rows)} conversations, tokens min {min(lengths)} median "
           f"{sorted(lengths)[len(lengths) // 2]} max {max(lengths)}", flush=True)
-    results = []
-    for c in configs:
-        res = run_isolated(c, source, str(rows_file))
-        print(res.row(), flush=True)
-        results.append(res)
-    print(format_table(results, baseline=results[0].name))
+    results: list[BenchResult] = []
+    failed: dict[str, str] = {}
+
+    def save() -> None:
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps({"environment": environment(), "model": source, "grouped": a.group,
+                                         "lengths": {"min": min(lengths), "max": max(lengths), "n": len(lengths),
+                                                     "median": sorted(lengths)[len(lengths) // 2]},
+                                         "results": [asdict(r) for r in results], "failed": failed}, indent=1))
+
+    batches = [[c] for c in configs]
+    if a.group:
+        groups: dict[str, list[BenchConfig]] = {}
+        for c in configs:
+            groups.setdefault(c.backend, []).append(c)
+        batches = list(groups.values())
+    for batch in batches:
+        try:
+            done = run_isolated_many(batch, source, str(rows_file))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:  # one failing recipe (e.g. out of memory) ends no other
+            for c in batch:
+                failed[c.name] = str(e)[-1500:]
+            print(f"FAILED {[c.name for c in batch]}: {str(e)[-1500:]}", flush=True)
+            continue
+        for res in done:
+            print(res.row(), f"(setup {res.setup_s:.0f} s, run {res.run_s:.0f} s)", flush=True)
+            results.append(res)
+        save()
+    results.sort(key=lambda r: [c.name for c in configs].index(r.name))
+    if results:
+        print(format_table(results, baseline=results[0].name))
+    save()
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"environment": environment(), "model": source,
-                                     "lengths": {"min": min(lengths), "max": max(lengths), "n": len(lengths),
-                                                 "median": sorted(lengths)[len(lengths) // 2]},
-                                     "results": [asdict(r) for r in results]}, indent=1))
         print(f"wrote {a.out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
