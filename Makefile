@@ -67,7 +67,7 @@ notebooks: setup model
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 $(filter $(SOLO_NOTEBOOKS),$(NOTEBOOKS))
 
 course: setup model
-	$(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS)
+	$(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS) --solo $(SOLO_NOTEBOOKS)
 
 # Chapter 7: the experiment grid (rank, target modules, memory vs quality, LoRA's variants; 3 seeds) on the cpu model.
 # About an hour on 2 cores: run it in the background (`make sweep > sweep.log 2>&1 &`). Each run's record is cached,

@@ -180,11 +180,29 @@ def test_missing_or_malformed_results_file(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- analysis
-def _rec(seed: int, metric: float, **cfg) -> dict:
+def _rec(seed: int, metric: float, loss_last: float = 0.5, **cfg) -> dict:
     c = ex.make_config(seed=seed, **cfg)
     return {"config": asdict(c), "label": c.label, "metric": metric, "perplexity": 2.0 + metric,
             "trainable_params": 10, "trainable_pct": 0.1, "peak_mib": 100.0, "sec_per_step": 1.0,
-            "train_seconds": 20.0}
+            "train_seconds": 20.0, "loss_first": 2.0, "loss_last": loss_last}
+
+
+def test_study_rows_count_the_seeds_whose_loss_fell():
+    # LoRA+ at LoRA's rate diverged in the committed sweep: a rising loss must show in the row, not vanish in a mean.
+    recs = [_rec(0, 0.0, loss_last=12.3, method="loraplus"), _rec(1, 0.1, method="loraplus"),
+            _rec(0, 0.4, method="loraplus", lr=3e-4), _rec(1, 0.4, method="loraplus", lr=3e-4)]
+    assert not ex.learned(recs[0]) and ex.learned(recs[1])
+    rows = ex.study_rows(recs, "variants")
+    assert [(r["lr"], r["learned"], r["n"]) for r in rows] == [(3e-3, 1, 2), (3e-4, 2, 2)]
+    assert "| 1/2 |" in ex.format_rows(rows, ("label", "learned"))
+
+
+def test_variants_study_holds_a_second_rate_with_lora_as_control():
+    cfgs = ex.grid("variants", seeds=(0,))
+    assert [c.method for c in cfgs[:len(ex.VARIANTS)]] == list(ex.VARIANTS)
+    second = [(c.method, c.lr) for c in cfgs[len(ex.VARIANTS):]]
+    assert second == list(ex.VARIANT_SECOND_LR.items()) and ("lora", 3e-4) in second
+    assert all(lr < ex.DEFAULT_LR[m] for m, lr in second)
 
 
 def test_study_rows_aggregate_over_seeds():

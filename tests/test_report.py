@@ -20,3 +20,13 @@ def test_record_metric_rejects_non_finite_and_objects():
         record_metric("loss", math.nan)
     with pytest.raises(TypeError):
         record_metric("table", {"a": 1})
+
+
+def test_course_schedule_runs_solo_notebooks_after_the_others(tmp_path):
+    from lora_course.course import schedule
+
+    nbs = [tmp_path / n for n in ("08_merge.ipynb", "00_setup.ipynb", "04_qlora.ipynb")]
+    together, alone = schedule(nbs, [tmp_path / "08_merge.ipynb", tmp_path / "99_absent.ipynb"])
+    assert [p.name for p in together] == ["00_setup.ipynb", "04_qlora.ipynb"]
+    assert [p.name for p in alone] == ["08_merge.ipynb"]
+    assert schedule(nbs, []) == (sorted(nbs), [])

@@ -69,6 +69,18 @@ def write_report(runs: list[NotebookRun], out: Path) -> Path:
     return path
 
 
+def schedule(notebooks: list[Path], solo: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Split ``notebooks`` (sorted) into those that run side by side and those that run after them, one at a time.
+
+    A notebook that compares speeds on every core (e.g. llama.cpp against transformers) must not share the machine
+    with another notebook, or the comparison measures the neighbour. ``solo`` entries not in ``notebooks`` are ignored.
+    """
+    alone_set = {Path(p).resolve() for p in solo}
+    ordered = sorted(Path(nb) for nb in notebooks)
+    return ([nb for nb in ordered if nb.resolve() not in alone_set],
+            [nb for nb in ordered if nb.resolve() in alone_set])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
@@ -76,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="papermill parameter for every notebook, e.g. -p PROFILE cpu")
+    parser.add_argument("--solo", nargs="*", type=Path, default=[],
+                        help="notebooks that run after the others, alone (their speed comparisons need every core)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     params = dict(args.parameter)
+    together, alone = schedule(args.notebooks, args.solo)
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        runs = list(pool.map(lambda nb: run_notebook(nb, args.out, params), sorted(args.notebooks)))
+        runs = list(pool.map(lambda nb: run_notebook(nb, args.out, params), together))
+    runs += [run_notebook(nb, args.out, params) for nb in alone]
+    runs.sort(key=lambda r: r.notebook)
     for r in runs:
         print(f"{'ok    ' if r.ok else 'FAILED'} {r.notebook:40s} {r.seconds:6.0f} s  {r.error}")
     print(f"report: {write_report(runs, args.out)}")

@@ -131,6 +131,10 @@ STUDY_SEEDS: dict[str, tuple[int, ...]] = {"rank": (0, 1, 2), "targets": (0, 1, 
                                            "variants": (0, 1), "check": (0,)}
 """Seeds per study: 3 where the spread over seeds is the question, 2 for the variants (LoRA's 3 seeds give the
 spread they are compared with), 1 for the live check. The whole grid fits an hour on 2 cores (``make sweep``)."""
+VARIANT_SECOND_LR: dict[str, float] = {"lora": 3e-4, "loraplus": 3e-4, "olora": 3e-4}
+"""A second learning rate in the variants study, a tenth of LoRA's: at LoRA's 3e-3 the committed sweep measured
+LoRA+ (whose ``B`` then steps at 16 x 3e-3) diverging on both seeds and OLoRA on one (training loss rose). The
+second rows tell a method that fails from a rate that does; plain LoRA at the same tenth is their control."""
 CHECK_STEPS = 8
 """The ``check`` study: short runs that notebook 09 re-runs live (<= 120 s for both) and compares with the file."""
 
@@ -145,7 +149,7 @@ def grid(study: str, seeds: Sequence[int] | None = None, **common: Any) -> list[
     elif study == "memory":
         rows = [{"method": m} for m in ("full", "lora", "qlora")]
     elif study == "variants":
-        rows = [{"method": v} for v in VARIANTS]
+        rows = [{"method": v} for v in VARIANTS] + [{"method": m, "lr": lr} for m, lr in VARIANT_SECOND_LR.items()]
     elif study == "check":
         rows = [{"method": "lora", "steps": CHECK_STEPS}, {"method": "ia3", "steps": CHECK_STEPS}]
     else:
@@ -510,6 +514,9 @@ def write_results(result: SweepResult, path: Path, command: str) -> Path:
         "versions": first.get("versions"),
         "machine": first.get("machine"),
         "sweep_seconds": round(result.seconds, 1),
+        "ran_now": result.ran,
+        "cached": result.cached,
+        "run_wall_seconds_sum": round(sum(float(r.get("wall_seconds", 0)) for r in result.records), 1),
         "failed": result.failed,
         "records": [{k: v for k, v in r.items() if k not in ("model", "code_version", "versions", "machine")}
                     | {"model_name": r.get("model", {}).get("name")} for r in result.records],
@@ -567,6 +574,11 @@ def load_results(path: Path, profile: str = "cpu", model_id: str | None = None) 
     return Results(path, doc, bool(reasons), reasons)
 
 
+def learned(record: dict[str, Any]) -> bool:
+    """Whether a run's training loss ended below where it started (False: it diverged or did not move)."""
+    return float(record["loss_last"]) < float(record["loss_first"])
+
+
 def summarize(records: Sequence[dict[str, Any]], by: Sequence[str], value: str = "metric") -> list[dict[str, Any]]:
     """Mean, standard deviation (over seeds), min and max of ``value`` per group of configuration fields ``by``."""
     import statistics
@@ -593,7 +605,8 @@ def study_rows(records: Sequence[dict[str, Any]], study: str) -> list[dict[str, 
     """One row per configuration of ``study`` (in grid order), aggregated over its seeds.
 
     Each row: the label (without seed), method, rank, targets, seeds, trainable parameters and %, and mean and
-    standard deviation over seeds of the task metric and perplexity, mean peak MiB, seconds a step and training time.
+    standard deviation over seeds of the task metric and perplexity, mean peak MiB, seconds a step and training time,
+    and in how many seeds the training loss fell (``learned``).
     """
     import statistics
 
@@ -619,7 +632,8 @@ def study_rows(records: Sequence[dict[str, Any]], study: str) -> list[dict[str, 
                      "trainable_pct": rs[0]["trainable_pct"], "metric": mean("metric"), "metric_std": std("metric"),
                      "perplexity": mean("perplexity"), "perplexity_std": std("perplexity"),
                      "peak_mib": mean("peak_mib"), "sec_per_step": mean("sec_per_step"),
-                     "train_seconds": mean("train_seconds"), "metric_values": [r["metric"] for r in rs]})
+                     "train_seconds": mean("train_seconds"), "metric_values": [r["metric"] for r in rs],
+                     "learned": sum(learned(r) for r in rs)})
     return rows
 
 
@@ -628,13 +642,15 @@ def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ("label
     """A Markdown table of study rows: means with their spread over seeds (mean ± sd, n seeds)."""
     head = {"label": "configuration", "trainable_params": "trainable params", "trainable_pct": "trainable %",
             "metric": "task metric", "perplexity": "eval perplexity", "peak_mib": "peak MiB",
-            "sec_per_step": "s/step", "train_seconds": "train s"}
+            "sec_per_step": "s/step", "train_seconds": "train s", "learned": "loss fell"}
     out = ["| " + " | ".join(head.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
         for c in columns:
             v = row[c]
-            if c in ("metric", "perplexity") and row["n"] > 1:
+            if c == "learned":
+                cells.append(f"{v}/{row['n']}")
+            elif c in ("metric", "perplexity") and row["n"] > 1:
                 cells.append(f"{v:.3f} ± {row[c + '_std']:.3f} (n={row['n']})")
             elif c == "trainable_pct":
                 cells.append(f"{v:.3f}%")
