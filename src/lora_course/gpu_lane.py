@@ -7,16 +7,20 @@ speed and memory, never task quality: the notebooks read ``pretrained=False`` fr
 model can show (they say so in their output).
 
     python -m lora_course.gpu_lane --tokenizer-source .gpu/tokenizer --out build-gpu notebooks/*.ipynb
+
+A notebook whose parameters cell has ``NUM_PROCESSES`` (chapter 8, one process per GPU) gets the machine's GPU count;
+on a machine of one GPU it is skipped, with the reason in the report (it needs two or more GPUs to show anything).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from .course import run_notebook, write_report
+from .course import NotebookRun, run_notebook, write_report
 
 
 def build_gpu_model(tokenizer_source: str | Path | None = None, dtype: str = "bfloat16") -> Path:
@@ -25,6 +29,29 @@ def build_gpu_model(tokenizer_source: str | Path | None = None, dtype: str = "bf
     from .models import random_model_dir
 
     return random_model_dir("llama-3.2-1b-shape", LLAMA_3_2_1B_SHAPE, 0, dtype, tokenizer_source=tokenizer_source)
+
+
+def parameter_names(notebook: str | Path) -> set[str]:
+    """The names assigned in ``notebook``'s cell tagged ``parameters`` (what papermill may override)."""
+    import ast
+
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    for cell in cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name)}
+    return set()
+
+
+def lane_parameters(notebook: str | Path, profile: str, model_id: str, gpus: int) -> dict[str, object] | str:
+    """What the lane passes to ``notebook``, or why it skips it: multi-process notebooks get one process per GPU."""
+    params: dict[str, object] = {"PROFILE": profile, "MODEL_ID": model_id}
+    if "NUM_PROCESSES" in parameter_names(notebook):
+        if gpus < 2:
+            return f"needs 2 or more GPUs (one process per GPU), this machine has {gpus}"
+        params["NUM_PROCESSES"] = gpus
+    return params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GPU lane on {torch.cuda.get_device_name(0)} with MODEL_ID={model_id}", flush=True)
     runs = []
     for nb in sorted(a.notebooks):
-        r = run_notebook(nb, a.out, {"PROFILE": a.profile, "MODEL_ID": model_id})
+        params = lane_parameters(nb, a.profile, model_id, torch.cuda.device_count())
+        if isinstance(params, str):
+            r = NotebookRun(nb.name, True, 0.0, {"skipped": params})
+            print(f"SKIPPED {r.notebook:39s} {params}", flush=True)
+            runs.append(r)
+            continue
+        r = run_notebook(nb, a.out, params)
         print(f"{'ok    ' if r.ok else 'FAILED'} {r.notebook:40s} {r.seconds:6.0f} s  {r.error}", flush=True)
         runs.append(r)
     print(f"report: {write_report(runs, a.out)}")
