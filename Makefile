@@ -50,9 +50,11 @@ model: setup
 	# Chapter 5's three task adapters (technical, creative, code), trained once with a fixed recipe and cached.
 	$(PY) -m lora_course.adapters --build-course-adapters
 
-# Notebook 08 compares llama.cpp's and transformers' tokens/s on all cores: it runs after the others, alone, so
-# another notebook on the second core does not decide the comparison (measured: 7.5x alone, 3.4x beside another).
-SOLO_NOTEBOOKS := notebooks/08_merge_and_export.ipynb
+# Notebooks that run after the others, one at a time. 04 runs its three memory measurements in a process of their own
+# beside its training, so it uses both cores itself (measured: 85 s alone, 151 s beside another notebook). 08 compares
+# llama.cpp's and transformers' tokens/s on all cores, which another notebook on the second core would decide
+# (measured: 7.5x alone, 3.4x beside another).
+SOLO_NOTEBOOKS := notebooks/04_qlora.ipynb notebooks/08_merge_and_export.ipynb
 PARALLEL_NOTEBOOKS := $(filter-out $(SOLO_NOTEBOOKS),$(NOTEBOOKS))
 
 test: setup model

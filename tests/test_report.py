@@ -30,3 +30,28 @@ def test_course_schedule_runs_solo_notebooks_after_the_others(tmp_path):
     assert [p.name for p in together] == ["00_setup.ipynb", "04_qlora.ipynb"]
     assert [p.name for p in alone] == ["08_merge.ipynb"]
     assert schedule(nbs, []) == (sorted(nbs), [])
+
+
+def test_course_report_shows_skipped_notebooks_as_skipped(tmp_path):
+    from lora_course.course import NotebookRun, write_report
+
+    runs = [NotebookRun("00_a.ipynb", True, 3.0, {"x": 1}),
+            NotebookRun("10_b.ipynb", True, 0.0, skipped="needs 2 or more GPUs"),
+            NotebookRun("11_c.ipynb", False, 1.0, error="AssertionError")]
+    text = write_report(runs, tmp_path).read_text()
+    assert "| 00_a.ipynb | ok |" in text
+    assert "| 10_b.ipynb | SKIPPED: needs 2 or more GPUs |" in text
+    assert "| 11_c.ipynb | FAILED: AssertionError |" in text
+
+
+def test_gpu_lane_gives_multi_process_notebooks_one_process_per_gpu():
+    from pathlib import Path
+
+    from lora_course.gpu_lane import lane_parameters, parameter_names
+
+    nb10 = Path(__file__).parents[1] / "notebooks" / "10_scaling_out.ipynb"
+    nb00 = Path(__file__).parents[1] / "notebooks" / "00_setup_and_first_model.ipynb"
+    assert {"PROFILE", "MODEL_ID", "NUM_PROCESSES"} <= parameter_names(nb10)
+    assert lane_parameters(nb10, "gpu", "m", 4) == {"PROFILE": "gpu", "MODEL_ID": "m", "NUM_PROCESSES": 4}
+    assert "needs 2 or more GPUs" in lane_parameters(nb10, "gpu", "m", 1)
+    assert lane_parameters(nb00, "gpu", "m", 1) == {"PROFILE": "gpu", "MODEL_ID": "m"}

@@ -59,6 +59,7 @@ class BenchConfig:
     measure_steps: int = 20
     precision: str | None = None  # None: the recipe's choice for the hardware
     grad_accum: int = 1  # micro-batches per optimizer step (one "step" below is one optimizer step)
+    group_by_length: bool = False  # padded batches of similar lengths: see ``length_grouped``
 
 
 BASELINE = BenchConfig("baseline (transformers+bnb+peft, padded, paged_adamw_8bit, grad ckpt)", "transformers",
@@ -232,6 +233,22 @@ def _rss(field_name: str) -> int:
     return 0
 
 
+def length_grouped(rows: list[dict[str, list[int]]], warmup_rows: int, used_rows: int) -> list[dict[str, list[int]]]:
+    """The same rows with the warm-up's and the measured steps' sequences each sorted by length, longest first.
+
+    Padded batches of similar lengths waste little padding (transformers' ``group_by_length`` sorts within
+    mega-batches of 50 batches likewise). Sorting inside each window keeps the warm-up and the measured steps
+    training on exactly the sequences they would have had unsorted, so tokens/s stays comparable.
+    """
+    if not 0 <= warmup_rows <= used_rows <= len(rows):
+        raise ValueError(f"need 0 <= warmup_rows ({warmup_rows}) <= used_rows ({used_rows}) <= {len(rows)} rows")
+
+    def by_length(part: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+        return sorted(part, key=lambda r: -len(r["input_ids"]))
+
+    return by_length(rows[:warmup_rows]) + by_length(rows[warmup_rows:used_rows]) + rows[used_rows:]
+
+
 def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]], seed: int = 0,
                output_dir: str | None = None, fresh_process: bool = False) -> BenchResult:
     """Train ``config`` in this process on ``rows`` and measure it (use ``run_isolated`` when Unsloth is involved).
@@ -292,6 +309,9 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
 
         profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
     timer = Timer()
+    if config.group_by_length:
+        per_step = config.batch_size * config.grad_accum
+        rows = length_grouped(rows, config.warmup_steps * per_step, steps * per_step)
     trainer = make_trainer(model, args, Dataset.from_list(rows), tok, quiet=True, callbacks=[timer])
     calls: list[tuple[int, list[int]]] = []  # per forward: (computed token slots, real sequence lengths)
     hook = trainer.model.register_forward_pre_hook(

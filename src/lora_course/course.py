@@ -29,6 +29,7 @@ class NotebookRun:
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    skipped: str = ""  # why it did not run (e.g. the GPU lane on a machine with too few GPUs); "" when it ran
 
 
 def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None) -> NotebookRun:
@@ -59,7 +60,7 @@ def write_report(runs: list[NotebookRun], out: Path) -> Path:
              f"Executed with papermill on {host} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M')}.", "",
              "| notebook | status | wall time (s) | metrics |", "|---|---|---|---|"]
     for r in runs:
-        status = "ok" if r.ok else f"FAILED: {r.error}"
+        status = f"SKIPPED: {r.skipped}" if r.skipped else "ok" if r.ok else f"FAILED: {r.error}"
         lines.append(f"| {r.notebook} | {status} | {r.seconds:.0f} | {len(r.metrics)} |")
     for r in runs:
         lines += ["", f"## {r.notebook}", ""]

@@ -450,7 +450,7 @@ def _train(cfg: RunConfig) -> None:
         if step == cfg.steps - 1:
             stats = rank_state_bytes(peft_model, opt)
         opt.zero_grad(set_to_none=True)
-        total = torch.tensor([local_sum], dtype=torch.float64)
+        total = torch.tensor([local_sum], dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
         if world > 1:
             dist.all_reduce(total)
         losses.append(total.item() / n_tokens)

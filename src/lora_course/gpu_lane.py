@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for nb in sorted(a.notebooks):
         params = lane_parameters(nb, a.profile, model_id, torch.cuda.device_count())
         if isinstance(params, str):
-            r = NotebookRun(nb.name, True, 0.0, {"skipped": params})
+            r = NotebookRun(nb.name, True, 0.0, skipped=params)  # reported as SKIPPED, never as ok
             print(f"SKIPPED {r.notebook:39s} {params}", flush=True)
             runs.append(r)
             continue
