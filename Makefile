@@ -58,7 +58,7 @@ SOLO_NOTEBOOKS := notebooks/04_qlora.ipynb notebooks/08_merge_and_export.ipynb
 PARALLEL_NOTEBOOKS := $(filter-out $(SOLO_NOTEBOOKS),$(NOTEBOOKS))
 
 test: setup model
-	$(PY) -m pytest -q -n $(NB_WORKERS) --dist loadfile tests $(PARALLEL_NOTEBOOKS) --nbmake --nbmake-timeout=900
+	$(PY) -m pytest -q -n $(NB_WORKERS) --dist loadfile --durations=15 tests $(PARALLEL_NOTEBOOKS) --nbmake --nbmake-timeout=900
 	$(PY) -m pytest -q $(filter $(SOLO_NOTEBOOKS),$(NOTEBOOKS)) --nbmake --nbmake-timeout=900
 
 unit: setup
