@@ -14,13 +14,13 @@ on a machine of one GPU it is skipped, with the reason in the report (it needs t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from .course import NotebookRun, run_notebook, write_report
+from .notebook import parameter_names
 
 
 def build_gpu_model(tokenizer_source: str | Path | None = None, dtype: str = "bfloat16") -> Path:
@@ -29,19 +29,6 @@ def build_gpu_model(tokenizer_source: str | Path | None = None, dtype: str = "bf
     from .models import random_model_dir
 
     return random_model_dir("llama-3.2-1b-shape", LLAMA_3_2_1B_SHAPE, 0, dtype, tokenizer_source=tokenizer_source)
-
-
-def parameter_names(notebook: str | Path) -> set[str]:
-    """The names assigned in ``notebook``'s cell tagged ``parameters`` (what papermill may override)."""
-    import ast
-
-    cells = json.loads(Path(notebook).read_text())["cells"]
-    for cell in cells:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            tree = ast.parse("".join(cell["source"]))
-            return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
-                    if isinstance(t, ast.Name)}
-    return set()
 
 
 def lane_parameters(notebook: str | Path, profile: str, model_id: str, gpus: int) -> dict[str, object] | str:

@@ -130,14 +130,36 @@ def check_notebook(path: Path) -> list[str]:
     if len(params) != 1:
         problems.append(f"needs exactly one cell tagged 'parameters', found {len(params)}")
     else:
-        missing = [n for n in PARAMETER_NAMES if not re.search(rf"^{n}\s*=", _src(params[0]), re.MULTILINE)]
-        if missing:
-            problems.append(f"the parameters cell does not set {missing}")
+        try:
+            names = assigned_names(_src(params[0]))
+        except SyntaxError as err:
+            problems.append(f"the parameters cell is not valid Python: {err}")
+        else:
+            missing = [n for n in PARAMETER_NAMES if n not in names]
+            if missing:
+                problems.append(f"the parameters cell does not set {missing}")
     code = [c for c in cells if c.cell_type == "code"]
     last = _src(code[-1]) if code else ""
     if "assert " not in last or "record_metric(" not in last:
         problems.append("the closing code cell must assert the measured outcome and record_metric it")
     return problems
+
+
+def assigned_names(source: str) -> set[str]:
+    """The names a cell's top-level statements assign (``X = ...``): what papermill may override in a parameters cell."""
+    import ast
+
+    return {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets
+            if isinstance(t, ast.Name)}
+
+
+def parameter_names(path: Path) -> set[str]:
+    """The names set by ``path``'s cell tagged ``parameters`` (empty when it has none)."""
+    for cell in read_json(path)["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            src = cell["source"]
+            return assigned_names(src if isinstance(src, str) else "".join(src))
+    return set()
 
 
 def read_json(path: Path) -> dict[str, Any]:
