@@ -327,3 +327,56 @@ def test_length_grouped_keeps_each_window_and_cuts_padding(tmp_path):
     grouped = bench.run_config(bench.replace(base, group_by_length=True), source, rows)
     assert grouped.real_tokens == plain.real_tokens
     assert grouped.padding_share < plain.padding_share / 2, (plain.padding_share, grouped.padding_share)
+
+
+def test_token_budget_is_an_unsloth_override_checked_on_construction():
+    cfg = bench.parse_configs("fast@batching=padded@batch_size=16@token_budget=7168")[0]
+    assert cfg.token_budget == 7168 and "token_budget=7168" in cfg.name
+    assert bench.FAST.token_budget == 0 and bench.BASELINE.token_budget == 0
+    with pytest.raises(ValueError, match="needs the unsloth backend"):
+        bench.parse_configs("baseline@token_budget=4096")
+    with pytest.raises(ValueError, match="integer >= 0"):
+        bench.parse_configs("fast@token_budget=-1")
+
+
+def test_unsloth_token_budget_is_set_only_while_trainers_are_built(monkeypatch):
+    import os
+
+    from lora_course.sft import UNSLOTH_TOKEN_BUDGET_ENV, unsloth_token_budget
+
+    monkeypatch.delenv(UNSLOTH_TOKEN_BUDGET_ENV, raising=False)
+    with unsloth_token_budget(0):
+        assert UNSLOTH_TOKEN_BUDGET_ENV not in os.environ
+    with unsloth_token_budget(7168):
+        assert os.environ[UNSLOTH_TOKEN_BUDGET_ENV] == "7168"
+    assert UNSLOTH_TOKEN_BUDGET_ENV not in os.environ
+    monkeypatch.setenv(UNSLOTH_TOKEN_BUDGET_ENV, "2048")  # a value the learner set survives, even after an error
+    with pytest.raises(RuntimeError, match="boom"), unsloth_token_budget(512):
+        assert os.environ[UNSLOTH_TOKEN_BUDGET_ENV] == "512"
+        raise RuntimeError("boom")
+    assert os.environ[UNSLOTH_TOKEN_BUDGET_ENV] == "2048"
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="integer >= 0"), unsloth_token_budget(bad):
+            pass
+
+
+def test_measured_passes_checks_the_forward_count_of_every_step():
+    calls = [(0, 10, [5]), (0, 10, [4]), (1, 8, [8]), (1, 8, [7])]
+    assert bench.measured_passes(calls, steps=2, warmup_steps=1, grad_accum=2) == [(8, [8]), (8, [7])]
+    split = calls + [(1, 8, [2])]  # a token budget split step 1 into three passes
+    assert bench.measured_passes(split, 2, 1, 2, split=True) == [(8, [8]), (8, [7]), (8, [2])]
+    with pytest.raises(RuntimeError, match=r"steps \[1\] ran \[3\]"):
+        bench.measured_passes(split, 2, 1, 2)
+    with pytest.raises(RuntimeError, match=r"steps \[1\] ran \[1\].*at least 2"):
+        bench.measured_passes(calls[:3], 2, 1, 2, split=True)
+    with pytest.raises(RuntimeError, match="outside the 2 steps"):
+        bench.measured_passes(calls + [(2, 1, [1])], 2, 1, 2)
+
+
+def test_budget_passes_follow_the_longest_row():
+    assert bench.budget_passes([1024] + [100] * 15, 7168) == 3  # 7 rows of width 1024 a pass
+    assert bench.budget_passes([400] * 16, 7168) == 1
+    assert bench.budget_passes([2048, 5], 1024) == 2  # a row over the budget still runs, alone
+    assert bench.budget_passes([300] * 4, 0) == 1
+    with pytest.raises(ValueError, match="positive lengths"):
+        bench.budget_passes([], 10)

@@ -60,6 +60,14 @@ class BenchConfig:
     precision: str | None = None  # None: the recipe's choice for the hardware
     grad_accum: int = 1  # micro-batches per optimizer step (one "step" below is one optimizer step)
     group_by_length: bool = False  # padded batches of similar lengths: see ``length_grouped``
+    token_budget: int = 0  # Unsloth only: split each micro-batch into passes of <= this many padded tokens (0: off)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget < 0:
+            raise ValueError(f"token_budget must be an integer >= 0 (0 turns it off), got {self.token_budget!r}")
+        if self.token_budget and self.backend != "unsloth":
+            raise ValueError(f"token_budget={self.token_budget} is Unsloth's UNSLOTH_TOKEN_BUDGET and needs the unsloth "
+                             f"backend, not {self.backend!r}: use it with the fast preset, or drop it")
 
 
 BASELINE = BenchConfig("baseline (transformers+bnb+peft, padded, paged_adamw_8bit, grad ckpt)", "transformers",
@@ -135,7 +143,7 @@ class BenchResult:
     padding_share: float  # share of the computed token slots that were padding
     real_tokens: int
     losses: list[float] = field(default_factory=list)
-    forward_calls: int = 0  # training forward passes seen (grad_accum per step: the counts are the model's inputs)
+    forward_calls: int = 0  # training forward passes seen (grad_accum per step, more when a token budget splits)
     setup_s: float | None = None  # loading the model and building the trainer, seconds
     run_s: float | None = None  # the whole run in its process: setup, warm-up and measured steps, seconds
 
@@ -262,7 +270,7 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from .sft import build_recipe, detect_hardware, load_for_sft, make_trainer
+    from .sft import build_recipe, detect_hardware, load_for_sft, make_trainer, unsloth_token_budget
 
     hw = detect_hardware()
     cuda = hw.device == "cuda"
@@ -312,10 +320,12 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
     if config.group_by_length:
         per_step = config.batch_size * config.grad_accum
         rows = length_grouped(rows, config.warmup_steps * per_step, steps * per_step)
-    trainer = make_trainer(model, args, Dataset.from_list(rows), tok, quiet=True, callbacks=[timer])
-    calls: list[tuple[int, list[int]]] = []  # per forward: (computed token slots, real sequence lengths)
+    with unsloth_token_budget(config.token_budget):  # read by Unsloth's trainer as it is built
+        trainer = make_trainer(model, args, Dataset.from_list(rows), tok, quiet=True, callbacks=[timer])
+    calls: list[tuple[int, int, list[int]]] = []  # per forward: (optimizer step, computed token slots, real lengths)
     hook = trainer.model.register_forward_pre_hook(
-        lambda mod, args_, kwargs: calls.append(batch_shape(kwargs)) if mod.training else None, with_kwargs=True)
+        lambda mod, args_, kwargs: calls.append((len(timer.t) - 1, *batch_shape(kwargs))) if mod.training else None,
+        with_kwargs=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     setup_s = time.perf_counter() - t_setup
@@ -323,23 +333,56 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
     hook.remove()
     peak = (torch.cuda.max_memory_allocated() - held0 if cuda else
             max(_rss("VmHWM") - rss0, 0) if fresh_process else None)
-    W = config.warmup_steps * config.grad_accum  # forward passes left out
-    if len(calls) != steps * config.grad_accum:
-        raise RuntimeError(f"{len(calls)} training forward passes for {steps} steps x {config.grad_accum} micro-batches:"
-                           " the counts would not match")
+    measured = measured_passes(calls, steps, config.warmup_steps, config.grad_accum, split=config.token_budget > 0)
     wall = timer.t[-1] - timer.t[config.warmup_steps]
     if profiler is not None:
         _write_profile(profiler, Path(profile_dir), config.name, wall / config.measure_steps, cuda)
-    measured_tokens = sum(sum(seqs) for _, seqs in calls[W:])
-    flops = sum(training_flops(shape, seqs, config.r) for _, seqs in calls[W:])
+    measured_tokens = sum(sum(seqs) for _, seqs in measured)
+    flops = sum(training_flops(shape, seqs, config.r) for _, seqs in measured)
     peak_tf = gpu_peak_tflops(hw.name) if cuda else None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    real_all, computed_all = sum(sum(q) for _, q in calls), sum(c for c, _ in calls)
+    real_all, computed_all = sum(sum(q) for _, _, q in calls), sum(c for _, c, _ in calls)
     del out
     return BenchResult(config.name, asdict(config), hw.name, measured_tokens / wall, wall / config.measure_steps,
                        None if peak is None else peak / 2**20, flops / wall / (peak_tf * 1e12) if peak_tf else None,
                        1 - real_all / computed_all, measured_tokens, losses, len(calls), round(setup_s, 2),
                        round(time.perf_counter() - t_setup, 2))
+
+
+def measured_passes(calls: list[tuple[int, int, list[int]]], steps: int, warmup_steps: int, grad_accum: int,
+                    split: bool = False) -> list[tuple[int, list[int]]]:
+    """The forward passes of the measured steps, ``(computed token slots, real lengths)`` each, after checking counts.
+
+    ``calls`` holds one ``(optimizer step, computed slots, real lengths)`` per training forward. Every step must have
+    run ``grad_accum`` forwards, or more when a token budget splits micro-batches (``split``): anything else means the
+    hook missed forwards (or caught foreign ones) and the tokens/s would be wrong, so it raises.
+    """
+    per_step = [0] * steps
+    for step, _, _ in calls:
+        if not 0 <= step < steps:
+            raise RuntimeError(f"a training forward ran at optimizer step {step}, outside the {steps} steps")
+        per_step[step] += 1
+    bad = [i for i, n in enumerate(per_step) if (n < grad_accum if split else n != grad_accum)]
+    if bad:
+        raise RuntimeError(f"optimizer steps {bad[:5]} ran {[per_step[i] for i in bad[:5]]} training forward passes, "
+                           f"expected {'at least ' if split else ''}{grad_accum} (the micro-batches per step): "
+                           "the counts would not match")
+    return [(c, q) for step, c, q in calls if step >= warmup_steps]
+
+
+def budget_passes(batch_lengths: list[int], token_budget: int) -> int:
+    """Forward passes Unsloth's ``UNSLOTH_TOKEN_BUDGET`` makes of one padded batch (its row split, 2026.10).
+
+    The batch is padded to its longest row ``L``; each pass takes ``max(1, token_budget // L)`` rows, so a batch
+    of long chats runs in several passes and one of short chats in one. ``token_budget=0``: one pass.
+    """
+    if not batch_lengths or min(batch_lengths) <= 0:
+        raise ValueError(f"need a non-empty batch of positive lengths, got {batch_lengths!r}")
+    if token_budget < 0:
+        raise ValueError(f"token_budget must be >= 0, got {token_budget}")
+    if not token_budget:
+        return 1
+    return math.ceil(len(batch_lengths) / max(1, token_budget // max(batch_lengths)))
 
 
 def _write_profile(profiler: Any, folder: Path, name: str, sec_per_step: float, cuda: bool) -> None:

@@ -21,9 +21,12 @@ when no attention mask is passed, which keeps flattened sequences from attending
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import math
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -330,6 +333,36 @@ def load_for_sft(recipe: SFTRecipe, source: str, seed: int = 0) -> tuple[Any, An
     return model, tok
 
 
+UNSLOTH_TOKEN_BUDGET_ENV = "UNSLOTH_TOKEN_BUDGET"
+
+
+@contextlib.contextmanager
+def unsloth_token_budget(tokens: int) -> Iterator[None]:
+    """Trainers built inside split each micro-batch into passes of at most ``tokens`` padded tokens (Unsloth only).
+
+    Unsloth 2026.10 reads ``UNSLOTH_TOKEN_BUDGET`` once, when its ``SFTTrainer`` is constructed: a padded batch of
+    ``B`` rows of width ``L`` then runs as passes of ``tokens // L`` rows, each loss divided by the step's shared
+    token count, so the gradients sum to the unsplit batch's. A batch of long chats runs in several small passes
+    (the activation peak follows the pass, not the batch), a batch of short ones in one. The variable is set only
+    inside the ``with`` block and restored after, so later trainers are untouched; ``tokens=0`` changes nothing.
+    transformers' own trainer ignores the variable.
+    """
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens must be an integer >= 0 (0: no budget), got {tokens!r}")
+    if not tokens:
+        yield
+        return
+    before = os.environ.get(UNSLOTH_TOKEN_BUDGET_ENV)
+    os.environ[UNSLOTH_TOKEN_BUDGET_ENV] = str(tokens)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(UNSLOTH_TOKEN_BUDGET_ENV, None)
+        else:
+            os.environ[UNSLOTH_TOKEN_BUDGET_ENV] = before
+
+
 def fused_loss_available() -> bool:
     """Whether TRL's fused LM-head loss can run: it is a Triton kernel, and Triton ships with CUDA builds of torch."""
     import importlib.util
@@ -457,4 +490,4 @@ def label_view(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
 __all__ = ["BACKENDS", "BATCHING", "BackendChoice", "BackendUnavailableError", "Hardware", "SFTRecipe",
            "alpaca_to_messages", "build_recipe", "check_lengths", "choose_backend", "detect_hardware",
            "fused_loss_available", "hardware_for_profile", "import_unsloth", "label_view", "load_for_sft", "make_trainer",
-           "to_prompt_completion", "training_chat_template"]
+           "to_prompt_completion", "training_chat_template", "unsloth_token_budget"]
