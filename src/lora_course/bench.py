@@ -146,6 +146,7 @@ class BenchResult:
     forward_calls: int = 0  # training forward passes seen (grad_accum per step, more when a token budget splits)
     setup_s: float | None = None  # loading the model and building the trainer, seconds
     run_s: float | None = None  # the whole run in its process: setup, warm-up and measured steps, seconds
+    step_s: list[float] = field(default_factory=list)  # every optimizer step's wall time, warm-up included
 
     def row(self) -> str:
         mfu = f"{100 * self.mfu:5.1f}%" if self.mfu is not None else "n/a"
@@ -346,7 +347,8 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
     return BenchResult(config.name, asdict(config), hw.name, measured_tokens / wall, wall / config.measure_steps,
                        None if peak is None else peak / 2**20, flops / wall / (peak_tf * 1e12) if peak_tf else None,
                        1 - real_all / computed_all, measured_tokens, losses, len(calls), round(setup_s, 2),
-                       round(time.perf_counter() - t_setup, 2))
+                       round(time.perf_counter() - t_setup, 2),
+                       [round(b - a, 4) for a, b in itertools.pairwise(timer.t)])
 
 
 def measured_passes(calls: list[tuple[int, int, list[int]]], steps: int, warmup_steps: int, grad_accum: int,
@@ -389,7 +391,10 @@ def _write_profile(profiler: Any, folder: Path, name: str, sec_per_step: float, 
     """Where 3 profiled steps spent their time: the top ops by self CUDA time and by CPU time, to a text file."""
     folder.mkdir(parents=True, exist_ok=True)
     ka = profiler.key_averages()
-    stem = "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
+    import hashlib
+
+    # names share long prefixes (a preset plus its overrides): a hash of the whole name keeps each file apart
+    stem = "".join(ch if ch.isalnum() else "_" for ch in name)[:48] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
     kernel_us = sum(e.self_device_time_total for e in ka) if cuda else 0
     lines = [name, f"measured s/step (unprofiled steps included): {sec_per_step:.3f}",
              f"GPU kernel time per profiled step: {kernel_us / 3 / 1e6:.3f} s", "",
