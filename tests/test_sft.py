@@ -327,6 +327,9 @@ def test_length_grouped_keeps_each_window_and_cuts_padding(tmp_path):
     grouped = bench.run_config(bench.replace(base, group_by_length=True), source, rows)
     assert grouped.real_tokens == plain.real_tokens
     assert grouped.padding_share < plain.padding_share / 2, (plain.padding_share, grouped.padding_share)
+    # widths rounded up to a multiple of 64 (fewer distinct shapes): more padding, the same real tokens
+    bucketed = bench.run_config(bench.replace(base, group_by_length=True, pad_to_multiple_of=64), source, rows)
+    assert bucketed.real_tokens == plain.real_tokens and bucketed.padding_share > grouped.padding_share
 
 
 def test_token_budget_is_an_unsloth_override_checked_on_construction():
@@ -337,6 +340,9 @@ def test_token_budget_is_an_unsloth_override_checked_on_construction():
         bench.parse_configs("baseline@token_budget=4096")
     with pytest.raises(ValueError, match="integer >= 0"):
         bench.parse_configs("fast@token_budget=-1")
+    assert bench.parse_configs("baseline@pad_to_multiple_of=64")[0].pad_to_multiple_of == 64
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be an integer >= 0"):
+        bench.parse_configs("baseline@pad_to_multiple_of=-8")
 
 
 def test_unsloth_token_budget_is_set_only_while_trainers_are_built(monkeypatch):

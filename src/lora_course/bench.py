@@ -61,6 +61,7 @@ class BenchConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (one "step" below is one optimizer step)
     group_by_length: bool = False  # padded batches of similar lengths: see ``length_grouped``
     token_budget: int = 0  # Unsloth only: split each micro-batch into passes of <= this many padded tokens (0: off)
+    pad_to_multiple_of: int = 0  # pad each batch's width up to a multiple of this (0: to its longest row): few shapes
 
     def __post_init__(self) -> None:
         if isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget < 0:
@@ -68,6 +69,10 @@ class BenchConfig:
         if self.token_budget and self.backend != "unsloth":
             raise ValueError(f"token_budget={self.token_budget} is Unsloth's UNSLOTH_TOKEN_BUDGET and needs the unsloth "
                              f"backend, not {self.backend!r}: use it with the fast preset, or drop it")
+        if isinstance(self.pad_to_multiple_of, bool) or not isinstance(self.pad_to_multiple_of, int) or \
+                self.pad_to_multiple_of < 0:
+            raise ValueError(f"pad_to_multiple_of must be an integer >= 0 (0: pad to the longest row), got "
+                             f"{self.pad_to_multiple_of!r}")
 
 
 BASELINE = BenchConfig("baseline (transformers+bnb+peft, padded, paged_adamw_8bit, grad ckpt)", "transformers",
@@ -290,7 +295,8 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
     model, tok = load_for_sft(recipe, source, seed=seed)
     shape = ModelShape.from_config(model.config)
     args = recipe.sft_config(output_dir or tempfile.mkdtemp(prefix="bench-"), steps, seed=seed,
-                             train_sampling_strategy="sequential", logging_steps=1, disable_tqdm=True)
+                             train_sampling_strategy="sequential", logging_steps=1, disable_tqdm=True,
+                             pad_to_multiple_of=config.pad_to_multiple_of or None)
 
     class Timer(TrainerCallback):
         def __init__(self) -> None:
