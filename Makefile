@@ -90,7 +90,7 @@ test-gpu:
 # GPU benchmark (docs/benchmarks.md): the references' baseline (transformers+bnb+peft, padded, paged_adamw_8bit,
 # gradient checkpointing) vs the course's fast recipe (Unsloth, padding-free) on a locally built ~1B Llama.
 bench-gpu:
-	$(GPU_PYTHON) -m lora_course.bench --build-shape $(if $(TOKENIZER_SOURCE),--tokenizer-source $(TOKENIZER_SOURCE)) --warmup 15 --steps 20 --out build-gpu/bench.json
+	$(GPU_PYTHON) -m lora_course.bench --build-shape $(if $(TOKENIZER_SOURCE),--tokenizer-source $(TOKENIZER_SOURCE)) --configs "baseline@grad_accum=2,tuned" --warmup 8 --steps 20 --out build-gpu/bench.json
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

@@ -336,6 +336,10 @@ def test_token_budget_is_an_unsloth_override_checked_on_construction():
     cfg = bench.parse_configs("fast@batching=padded@batch_size=16@token_budget=7168")[0]
     assert cfg.token_budget == 7168 and "token_budget=7168" in cfg.name
     assert bench.FAST.token_budget == 0 and bench.BASELINE.token_budget == 0
+    tuned = bench.parse_configs("tuned", warmup_steps=8)[0]  # the course's fast recipe keeps its own batch of 16
+    assert (tuned.backend, tuned.batching, tuned.batch_size, tuned.group_by_length, tuned.token_budget,
+            tuned.pad_to_multiple_of, tuned.warmup_steps) == ("unsloth", "padded", 16, True, 7168, 128, 8)
+    assert bench.parse_configs("baseline@grad_accum=2")[0].batch_size * 2 == tuned.batch_size  # same chats a step
     with pytest.raises(ValueError, match="needs the unsloth backend"):
         bench.parse_configs("baseline@token_budget=4096")
     with pytest.raises(ValueError, match="integer >= 0"):
