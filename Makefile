@@ -88,7 +88,8 @@ test-gpu:
 	$(GPU_PYTHON) -m lora_course.gpu_lane --out build-gpu $(if $(TOKENIZER_SOURCE),--tokenizer-source $(TOKENIZER_SOURCE)) $(NOTEBOOKS)
 
 # GPU benchmark (docs/benchmarks.md): the references' baseline (transformers+bnb+peft, padded, paged_adamw_8bit,
-# gradient checkpointing) vs the course's fast recipe (Unsloth, padding-free) on a locally built ~1B Llama.
+# gradient checkpointing), 8 x 2 accumulated, vs the course's tuned recipe (Unsloth, padded length-grouped batches of 16
+# run in passes of <= 7,168 tokens): the same 16 chats per optimizer step, on a locally built ~1B Llama.
 bench-gpu:
 	$(GPU_PYTHON) -m lora_course.bench --build-shape $(if $(TOKENIZER_SOURCE),--tokenizer-source $(TOKENIZER_SOURCE)) --configs "baseline@grad_accum=2,tuned" --warmup 8 --steps 20 --out build-gpu/bench.json
 

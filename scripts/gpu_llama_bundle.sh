@@ -9,9 +9,9 @@
 # On the GPU machine, after the main bundle:  tar -C /tmp -xzf .gpu/llama-extra.tgz
 # (merges into /tmp/site and into LORA_COURSE_CACHE=/tmp/lcc, the paths the GPU commands use).
 # Measured 2026-11-26: the same contents (the runtime built here, these wheels, the converter) let notebook 08 pass in
-# the GPU profile on a 2x H200 host, 32 cores, OMP_NUM_THREADS=16: 105 s (results/gpu-lane-h200.md). On one H200
-# (16 cores, OMP_NUM_THREADS unset) this script's bundle loaded and converted (F32/F16/Q8_0/Q4_K_M, parity 100% top-1)
-# but the notebook was still running at the device's 420 s call limit: set OMP_NUM_THREADS and allow ~10 minutes.
+# the GPU profile on a 2x H200 host, 32 cores, OMP_NUM_THREADS=16: 105 s (results/gpu-lane-h200.md); this script's
+# bundle on one H200 (16 cores) with OMP_NUM_THREADS=16: 136 s. With OMP_NUM_THREADS unset, another H200 was still
+# running it at 420 s: set OMP_NUM_THREADS to the core count.
 # Usage, from the project's root after `make setup model`:  bash scripts/gpu_llama_bundle.sh  -> .gpu/llama-extra.tgz
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)

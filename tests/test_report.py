@@ -47,7 +47,8 @@ def test_course_report_shows_skipped_notebooks_as_skipped(tmp_path):
 def test_gpu_lane_gives_multi_process_notebooks_one_process_per_gpu():
     from pathlib import Path
 
-    from lora_course.gpu_lane import lane_parameters, parameter_names
+    from lora_course.gpu_lane import lane_parameters
+    from lora_course.notebook import parameter_names
 
     nb10 = Path(__file__).parents[1] / "notebooks" / "10_scaling_out.ipynb"
     nb00 = Path(__file__).parents[1] / "notebooks" / "00_setup_and_first_model.ipynb"

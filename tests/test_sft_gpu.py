@@ -37,6 +37,7 @@ def test_token_budget_splits_long_batches_and_keeps_the_loss(tmp_path):
     assert b.forward_calls == 4  # one pass a step without a budget
     assert a.forward_calls == sum(bench.budget_passes(x, 1024) for x in batches) > 4, (a.forward_calls, batches)
     assert a.real_tokens == b.real_tokens
-    # the split passes' losses are each divided by the step's token count, so they sum to the unsplit loss (bf16)
-    assert a.losses == pytest.approx(b.losses, rel=2e-2), (a.losses, b.losses)
+    # the split passes' losses are each divided by the step's token count, so they sum to the unsplit loss (bf16;
+    # measured on an H200: within 1e-4 relative)
+    assert a.losses == pytest.approx(b.losses, rel=1e-3), (a.losses, b.losses)
     assert a.peak_mib < b.peak_mib, (a.peak_mib, b.peak_mib)
