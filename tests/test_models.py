@@ -130,3 +130,32 @@ def test_precision_by_hardware():
 
     assert models.select_dtype("cpu") == torch.float32
     assert models.resolve_profile("auto") in ("cpu", "gpu", "colab", "kaggle")
+
+
+def test_select_dtype_reads_native_bf16_not_is_bf16_supported(monkeypatch):
+    """A T4 (sm75) says is_bf16_supported() == True (emulated bf16): the course must still pick fp16 there."""
+    import types
+
+    import torch
+
+    from lora_course import hardware
+
+    monkeypatch.delenv(hardware.EMULATE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for cap, dtype in (((7, 5), torch.float16), ((8, 0), torch.bfloat16)):
+        props = types.SimpleNamespace(name="gpu", major=cap[0], minor=cap[1], total_memory=16 * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, p=props: p)
+        assert models.select_dtype("cuda") == dtype
+    assert models.select_dtype("cpu") == torch.float32
+
+
+def test_load_base_mode_picks_the_training_dtype():
+    import torch
+
+    full, _ = models.load_base("tiny", mode="full")  # fp32 on CPU; fp32 master weights on a T4 (test_hardware)
+    assert next(full.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="mode must be 'inference', 'lora' or 'full'.*BitsAndBytesConfig"):
+        models.load_base("tiny", mode="qlora")

@@ -47,9 +47,30 @@ def test_dynamic_map_equals_bitsandbytes_and_its_cpu_copy():
     assert torch.equal(nf4.DYNAMIC_CODE, state.state2.code)  # code[0] = -1, set by bitsandbytes' CPU kernel
 
 
+def _judge(checks):
+    """Assert what must hold on every CPU, then report bitsandbytes' own deviations by name.
+
+    Always: the course's packed bytes and absmax are bitsandbytes', and the course's dequantize is the definition
+    ``code[nibble] * absmax`` rounded once to the dtype. bitsandbytes' dequantize must be the definition too, or its
+    Python fallback's 16-bit rounding (every CPU, one ulp), or, only on a CPU whose AVX-512 kernel runs here, that
+    kernel's known row-indexing bug reproduced value for value: then the test is an expected failure whose
+    message names the bitsandbytes version, the CPU flags, the shape, the blocksize and the difference.
+    """
+    known = []
+    for c in checks:
+        assert c.bytes_equal, f"packed bytes or absmax differ from bitsandbytes: {c.shape} {c.dtype} bs {c.blocksize}"
+        assert c.course_matches, f"the course's dequantize is not code[nibble]*absmax: {c.message()}"
+        assert c.verdict != "unexplained", c.message()
+        if c.known_deviation:
+            known.append(c.message())
+    if known:
+        pytest.xfail(" | ".join(known))
+
+
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_packed_bytes_absmax_and_dequantize_match_bitsandbytes(dtype, blocksize):
+    checks = []
     for i, shape in enumerate(SHAPES):
         w = _weights(shape, dtype, seed=i)
         packed, state, deq = _bnb(w, blocksize)
@@ -59,10 +80,15 @@ def test_packed_bytes_absmax_and_dequantize_match_bitsandbytes(dtype, blocksize)
         assert q.shape == w.shape and q.dtype == dtype
         mine = q.dequantize()
         assert mine.dtype == dtype and mine.shape == w.shape
-        if dtype == torch.float32 or shape[-1] % 2 == 0:
-            assert torch.equal(mine, deq), shape  # bitsandbytes' C kernel: exact
-        else:  # its Python fallback rounds the code to 16 bits first: within one ulp
+        c = nf4.check_bnb_dequantize(blocksize=blocksize, weights=w)
+        checks.append(c)
+        if c.verdict == "definition" and (dtype != torch.float16 or c.path == "scalar"):
+            # the same float32 products, rounded the same way (float16 ties: away from zero in bitsandbytes'
+            # scalar kernel and here, to even in its AVX-512 kernel; both are correctly rounded)
+            assert torch.equal(mine, deq), shape
+        elif c.verdict == "python-fallback-16bit":  # its Python fallback rounds the code to 16 bits first
             torch.testing.assert_close(mine, deq)
+    _judge(checks)
 
 
 @pytest.mark.parametrize("blocksize", [32, 512, 4096])
@@ -70,7 +96,23 @@ def test_other_blocksizes_match_bitsandbytes(blocksize):
     w = _weights((96, 576), torch.bfloat16)
     packed, _, deq = _bnb(w, blocksize)
     q = nf4.quantize_nf4(w, blocksize)
-    assert torch.equal(q.packed, packed) and torch.equal(q.dequantize(), deq)
+    assert torch.equal(q.packed, packed)
+    c = nf4.check_bnb_dequantize(blocksize=blocksize, weights=w)
+    if c.verdict == "definition":
+        assert torch.equal(q.dequantize(), deq)
+    _judge([c])
+
+
+def test_course_dequantize_is_the_definition_for_every_blocksize_and_dtype():
+    """The course's own decoding against code[nibble]*absmax, independent of what bitsandbytes computes here."""
+    for dtype in DTYPES:
+        for blocksize in nf4.SUPPORTED_BLOCKSIZES:
+            w = _weights((96, 576), dtype, seed=blocksize)
+            q = nf4.quantize_nf4(w, blocksize)
+            exact = nf4.nf4_definition(q.packed, q.absmax, w.numel(), blocksize)
+            assert nf4.correctly_rounded(q.dequantize(), exact, dtype).all(), (dtype, blocksize)
+            if dtype == torch.float32:
+                assert torch.equal(q.dequantize().reshape(-1), exact)
 
 
 def test_nibble_order_first_value_in_high_nibble():
@@ -201,27 +243,4 @@ def test_qlora_init_matches_chapter_1_lora_linear():
     assert mine.scaling == ref.scaling
 
 
-def test_dequantized_copy_of_a_4bit_peft_model_computes_the_same_function(tiny):
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from lora_course.models import tiny_model_dir
-    from lora_course.nf4 import dequantized_copy
-
-    q = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir(), dtype=torch.float32, device_map={"": "cpu"},
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
-    q = get_peft_model(q, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in q.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)  # a non-zero adapter, so the check covers it
-    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
-    d = dequantized_copy(q)
-    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in d.modules())
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q.modules())  # the original is untouched
-    with torch.no_grad():
-        a, b = q(input_ids=ids).logits, d(input_ids=ids).logits
-    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+# dequantized_copy of whole 4-bit models, on this CPU and on a simulated AVX512-BF16 one: tests/test_nf4_bnb_cpu.py

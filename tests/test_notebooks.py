@@ -33,3 +33,44 @@ def test_check_notebook_finds_problems(tmp_path):
     for expected in ("NN_topic", "committed outputs", "'# ' title", "learning objectives", "Colab badge",
                      "tagged 'setup'", "tagged 'parameters'", "closing code cell"):
         assert expected in problems
+
+
+def test_sync_regenerates_the_setup_cell_and_the_gpu_metadata(tmp_path):
+    """A notebook with a stale setup cell and no Colab/Kaggle metadata: check_notebook names both, and
+    `python -m lora_course.notebook --sync` rewrites exactly those (every other cell kept), idempotently."""
+    import json
+
+    from lora_course.notebook import PLATFORM_METADATA, main, read_json, setup_cell_source, sync_notebook
+
+    src = next(p for p in NOTEBOOKS if p.name.startswith("02_"))
+    path = tmp_path / src.name
+    nb = read_json(src)
+    for key in PLATFORM_METADATA:
+        nb["metadata"].pop(key, None)
+    setup = next(c for c in nb["cells"] if "setup" in c["metadata"].get("tags", []))
+    setup["source"] = "# an old setup cell\n!pip install lora-course"
+    path.write_text(json.dumps(nb))
+    problems = " | ".join(check_notebook(path))
+    assert f"setup_cell_source('{src.name}')" in problems and "--sync" in problems
+    for key in PLATFORM_METADATA:
+        assert f"notebook metadata {key!r}" in problems
+    assert main(["--sync", str(path)]) == 0
+    assert check_notebook(path) == []
+    synced = read_json(path)
+    assert synced["metadata"]["colab"]["gpuType"] == "T4" and synced["metadata"]["accelerator"] == "GPU"
+    assert synced["metadata"]["kaggle"]["accelerator"] == "nvidiaTeslaT4"
+    new_setup = next(c for c in synced["cells"] if "setup" in c["metadata"].get("tags", []))
+    assert "".join(new_setup["source"]) == setup_cell_source(src.name)
+    others = [("".join(c["source"]), c["cell_type"]) for c in synced["cells"] if c is not new_setup]
+    assert others == [("".join(c["source"]), c["cell_type"]) for c in read_json(src)["cells"]
+                      if "setup" not in c["metadata"].get("tags", [])]
+    assert sync_notebook(path) is False  # idempotent: same bytes
+
+
+def test_sync_refuses_a_notebook_without_exactly_one_setup_cell(tmp_path):
+    from lora_course.notebook import code_cell, markdown_cell, new_notebook, sync_notebook, write_notebook
+
+    path = tmp_path / "03_x.ipynb"
+    write_notebook(path, new_notebook([markdown_cell("# t"), code_cell("x = 1")]))
+    with pytest.raises(ValueError, match="tagged 'setup'"):
+        sync_notebook(path)

@@ -287,6 +287,29 @@ def test_side_by_side_configs():
     assert bench.FAST.backend == "unsloth" and bench.FAST.batching == "padding_free"
 
 
+def test_detect_hardware_reads_the_compute_capability(monkeypatch):
+    """A T4 answers is_bf16_supported() == True (emulated bf16); the recipe must still train it in fp16."""
+    import types
+
+    import torch
+
+    from lora_course import hardware
+    from lora_course.sft import detect_hardware
+
+    monkeypatch.delenv(hardware.EMULATE_ENV, raising=False)
+    props = types.SimpleNamespace(name="Tesla T4", major=7, minor=5, total_memory=15 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    hw = detect_hardware()
+    assert (hw.device, hw.name, hw.bf16, hw.compute_capability, hw.memory_gib) == ("cuda", "Tesla T4", False,
+                                                                                    (7, 5), 15.0)
+    r = build_recipe(hw, quiet=True)
+    assert r.precision == "fp16" and "fp32 adapters" in r.reasons["precision"]
+
+
 @pytest.mark.gpu
 def test_auto_backend_on_a_cuda_machine_with_unsloth_imports_it():
     from lora_course.sft import detect_hardware

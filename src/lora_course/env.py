@@ -36,11 +36,21 @@ def memory_gib() -> dict[str, float]:
         return {}
 
 
-def doctor(profile: str = "auto") -> dict[str, Any]:
-    """A report of the environment and the choices the course makes on it (profile, dtype, threads)."""
+def doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = False) -> dict[str, Any]:
+    """A report of the environment and the choices the course makes on it (profile, dtype, threads).
+
+    The CPU's flags are part of it because some kernels depend on them: bitsandbytes' CPU 4-bit kernels change
+    layout and precision on AVX512-BF16 CPUs, and llama.cpp built with AMX crashed on quantized models (issue 28).
+    ``check_llama`` decodes small Q8_0 and Q4_K_M GGUFs in a child process (``export.llama_cpp_check``) and says
+    what to do when that fails; ``check_bnb`` measures bitsandbytes' CPU 4-bit kernels (``nf4.bnb_cpu_report``).
+    """
+    import platform as _platform
+
     import torch
 
-    from .models import resolve_profile, select_dtype
+    from . import hardware
+    from .llama_build import cpu_summary
+    from .models import resolve_profile
 
     cuda = torch.cuda.is_available()
     report: dict[str, Any] = {
@@ -49,9 +59,12 @@ def doctor(profile: str = "auto") -> dict[str, Any]:
         **package_versions(),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "cuda": torch.version.cuda if cuda else None,
-        "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
+        # precision follows native bf16 (compute capability >= 8.0), not torch.cuda.is_bf16_supported(), which is
+        # True on a T4 by emulation; LORA_COURSE_EMULATE=t4 makes the course decide as on a T4 (hardware.py)
+        **hardware.describe(),
         "profile": resolve_profile(profile),
-        "dtype": str(select_dtype()).replace("torch.", ""),
+        "cpu": _cpu_model() or _platform.processor() or "unknown",
+        "cpu_flags": ", ".join(k for k, v in cpu_summary().items() if v) or "none of avx2/avx512f/avx512_bf16/amx",
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
@@ -60,15 +73,41 @@ def doctor(profile: str = "auto") -> dict[str, Any]:
     if mem:
         report["ram_total_gib"] = round(mem["total"], 1)
         report["ram_available_gib"] = round(mem["available"], 1)
-    if cuda:
-        props = torch.cuda.get_device_properties(0)
-        report["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    if check_bnb:
+        from .nf4 import bnb_cpu_report
+
+        bnb = bnb_cpu_report(blocksizes=(64, 128, 256))
+        off = {bs: d["verdict"] for bs, d in bnb["dequantize"].items() if d["max_abs_diff"] > 0}
+        report["bnb_cpu_dequantize"] = ("equals the NF4 definition (blocksizes 64/128/256)" if not off
+                                        else f"deviates from the NF4 definition at blocksizes {sorted(off)}")
+        report["bnb_cpu_eval_forward"] = ("repacks the 4-bit weight and computes in "
+                                          f"{bnb['forward']['eval_forward_dtype']}"
+                                          if bnb["forward"]["eval_forward_repacks"] else "float32, weight unchanged")
+    if check_llama:
+        from .export import llama_cpp_check
+
+        rep = llama_cpp_check()
+        report["llama_cpp_decodes_quantized"] = rep["ok"]
+        report["llama_cpp_check"] = rep["detail"] + (f" -> {rep['fix']}" if rep["fix"] else "")
+        report["llama_cpp_amx"] = rep["amx"]
     return report
 
 
-def print_doctor(profile: str = "auto") -> dict[str, Any]:
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ('' where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def print_doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = False) -> dict[str, Any]:
     """Print ``doctor()`` as an aligned table and return it."""
-    rep = doctor(profile)
+    rep = doctor(profile, check_llama, check_bnb)
     width = max(map(len, rep))
     for k, v in rep.items():
         print(f"{k:<{width}}  {v}")

@@ -712,11 +712,27 @@ class ParityReport:
     greedy_prefix: list[int]
     greedy_len: int
     size_mib: float = 0.0
+    # Near-tie accounting (see ``split_disagreements``): the quantization's logit noise, and how many positions are
+    # decisive (the reference's top-1 leads its top-2 by at least NEAR_TIE_SIGMAS times that noise).
+    gap_noise: float = 0.0
+    decisive: int = 0
+    decisive_disagree: int = 0
+    near_tie_disagree: int = 0
 
     @property
     def tokenizer_parity(self) -> float:
         """Share of texts tokenized identically by llama.cpp and transformers."""
         return self.tokenizer_match / max(self.tokenizer_total, 1)
+
+    @property
+    def decisive_share(self) -> float:
+        """Share of positions where the reference's choice is clear of the noise (a broken model drives it to 0)."""
+        return self.decisive / max(self.n_positions, 1)
+
+    @property
+    def decisive_agreement(self) -> float:
+        """Top-1 agreement on the decisive positions alone: near-ties, which any CPU's kernels may flip, left out."""
+        return 1.0 - self.decisive_disagree / max(self.decisive, 1)
 
     @property
     def greedy_agreement(self) -> float:
@@ -727,7 +743,9 @@ class ParityReport:
         return {"model": self.name, "MiB": round(self.size_mib, 1),
                 "tokenizer": f"{self.tokenizer_match}/{self.tokenizer_total}",
                 "top-1 agree": f"{100 * self.top1_agreement:.1f}%", "mean KL": f"{self.mean_kl:.4f}",
-                "max KL": f"{self.max_kl:.3f}",
+                "max KL": f"{self.max_kl:.3f}", "noise": f"{self.gap_noise:.3f}",
+                "decisive": f"{100 * self.decisive_share:.0f}% of {self.n_positions}",
+                "disagree (decisive/near-tie)": f"{self.decisive_disagree}/{self.near_tie_disagree}",
                 "greedy prefix": "/".join(str(p) for p in self.greedy_prefix) + f" of {self.greedy_len}"}
 
     def __str__(self) -> str:
@@ -744,6 +762,60 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     sep = "  ".join("-" * width[k] for k in keys)
     body = ["  ".join(f"{r[k]!s:<{width[k]}}" for k in keys) for r in rows]
     return "\n".join([line, sep, *body])
+
+
+NEAR_TIE_SIGMAS = 4.0
+"""A position is decisive when the reference's top-1 log-probability leads its top-2 by >= 4 sigma of the measured
+noise of that gap. For Gaussian noise a flip there has probability 3e-5; the noise of llama.cpp's kernels has heavier
+tails than that, so a check allows a few decisive flips per thousand (notebook 08), never a rate a broken file has."""
+
+
+def _top2_gap(ref: Any, q: Any) -> tuple[Any, Any, Any]:
+    """Per position: the reference's top-1 margin over its top-2, the quantized model's error on that gap, and
+    whether the quantized model's top-1 differs from the reference's."""
+    import numpy as np
+
+    ref = np.asarray(ref, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    top2 = np.argpartition(-ref, 1, axis=-1)[:, :2]
+    rows = np.arange(len(ref))
+    first = np.where(ref[rows, top2[:, 0]] >= ref[rows, top2[:, 1]], top2[:, 0], top2[:, 1])
+    second = np.where(first == top2[:, 0], top2[:, 1], top2[:, 0])
+    margin = ref[rows, first] - ref[rows, second]
+    return margin, (q[rows, first] - q[rows, second]) - margin, q.argmax(-1) != first
+
+
+def split_disagreements(ref_logp: Any, logq: Any, sigmas: float = NEAR_TIE_SIGMAS) -> dict[str, float]:
+    """Top-1 disagreements between a reference and a quantized model, split into near-ties and real ones.
+
+    ``ref_logp`` and ``logq`` are (positions, vocab) log-probabilities, or lists of such arrays (one per text).
+    Per position, ``a``/``b`` are the reference's top-1/top-2 tokens, ``margin = ref[a] - ref[b]`` and the quantized
+    model's error on that gap is ``e = (logq[a] - logq[b]) - margin``. The noise is the RMS of ``e`` over positions:
+    what quantization (and the CPU's kernels) do to the one gap that decides the top-1. A disagreement where
+    ``margin < sigmas * noise`` is a near-tie (a coin toss that another CPU's summation order may call the other
+    way); elsewhere it is real.
+
+    Why it separates a correct file from a broken one on any CPU: top-1 agreement alone moves by a token or two of a
+    ~100-token sample with the kernels (0.94 vs 0.92 for the same Q8_0 on two CPUs); real disagreements are rare on a
+    correct file, and a broken file's noise is so large that few positions stay decisive (``decisive``).
+    """
+
+    pairs = list(zip(ref_logp, logq)) if isinstance(ref_logp, (list, tuple)) else [(ref_logp, logq)]
+    return _summarise_gaps([_top2_gap(r, q) for r, q in pairs if len(r)], sigmas)
+
+
+def _summarise_gaps(parts: list[tuple[Any, Any, Any]], sigmas: float = NEAR_TIE_SIGMAS) -> dict[str, float]:
+    import numpy as np
+
+    if not parts:
+        return {"noise": 0.0, "positions": 0, "decisive": 0, "decisive_disagree": 0, "near_tie_disagree": 0,
+                "agree": 0}
+    margin, err, disagree = (np.concatenate(x) for x in zip(*parts))
+    noise = float(np.sqrt(np.mean(err ** 2)))
+    decisive = margin >= sigmas * noise
+    return {"noise": noise, "positions": len(margin), "decisive": int(decisive.sum()),
+            "decisive_disagree": int((disagree & decisive).sum()),
+            "near_tie_disagree": int((disagree & ~decisive).sum()), "agree": int((~disagree).sum())}
 
 
 def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), prompts: Sequence[str] = (),
@@ -770,8 +842,8 @@ def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), 
     tok_ok = 0
     for text, want in zip(reference.texts + reference.prompts, reference.token_ids + reference.prompt_ids):
         tok_ok += llm.tokenize(text.encode(), add_bos=False, special=True) == want
-    agree = n = 0
     kls: list[float] = []
+    gaps = []  # per text: (margin, error on the gap, disagreement), not the (tokens x vocab) arrays
     for row, ref in zip(reference.token_ids, reference.log_probs):
         llm.reset()
         llm.eval(row)
@@ -780,8 +852,9 @@ def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), 
         logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
         kl = (np.exp(ref) * (ref - logq)).sum(-1)
         kls.extend(kl.tolist())
-        agree += int((ref.argmax(-1) == logq.argmax(-1)).sum())
-        n += len(row)
+        gaps.append(_top2_gap(ref, logq))
+    split = _summarise_gaps(gaps)
+    agree, n = split["agree"], split["positions"]
     prefix = []
     for pid, want in zip(reference.prompt_ids, reference.greedy_ids):
         got = gguf_greedy(llm, pid, reference.max_new_tokens, suppress_ids=reference.suppressed_ids)
@@ -793,7 +866,8 @@ def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), 
     return ParityReport(name or Path(gguf_path).name, tok_ok, len(reference.texts) + len(reference.prompts),
                         agree / max(n, 1), float(np.mean(kls)) if kls else math.nan,
                         float(np.max(kls)) if kls else math.nan, n, prefix, reference.max_new_tokens,
-                        file_size_mib(gguf_path))
+                        file_size_mib(gguf_path), split["noise"], split["decisive"], split["decisive_disagree"],
+                        split["near_tie_disagree"])
 
 
 # ------------------------------------------------------------------------------------------------- speed
@@ -839,6 +913,84 @@ def gguf_tokens_per_second(gguf_path: str | Path, prompt_ids: Sequence[int], n_t
     """llama.cpp's greedy decoding speed (batch 1): new tokens per second after the prompt's prefill."""
     llm = load_gguf(gguf_path, n_threads=n_threads)
     return _decode_rate(lambda n: len(gguf_greedy(llm, prompt_ids, n)), n_tokens, repeats)
+
+
+# ------------------------------------------------------------------------------------------- self-check
+PROBE_QUANTS = ("Q8_0", "Q4_K_M")
+_PROBE_CHILD = r"""
+import json, sys
+import llama_cpp
+info = llama_cpp.llama_print_system_info()
+info = info.decode() if isinstance(info, bytes) else str(info)
+print(json.dumps({"system_info": info}), flush=True)
+for path in sys.argv[1:]:
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=1, n_threads_batch=1, verbose=False, seed=0)
+    llm.eval([1, 2, 3, 4, 5])
+    tokens = [int(llm.sample(temp=0.0))]
+    print(json.dumps({"path": path, "decoded": tokens}), flush=True)
+"""
+
+
+def probe_ggufs(quants: Sequence[str] = PROBE_QUANTS) -> dict[str, Path]:
+    """Small quantized GGUFs of the tiny random Llama (64 wide: every matmul fits llama.cpp's AMX kernels'
+    alignment for Q8_0), built once into the course cache for ``llama_cpp_check``."""
+    folder = cache_dir() / "llama-probe"
+    folder.mkdir(parents=True, exist_ok=True)
+    f32 = folder / "tiny-f32.gguf"
+    out = {q: folder / f"tiny-{q}.gguf" for q in quants}
+    if all(p.exists() for p in out.values()):
+        return out
+    if not f32.exists():
+        from .models import tiny_model_dir
+
+        to_gguf(tiny_model_dir(), f32, "f32")
+    for q, path in out.items():
+        if not path.exists():
+            quantize(f32, path, q)
+    return out
+
+
+def llama_cpp_check(timeout: float = 120.0, quants: Sequence[str] = PROBE_QUANTS) -> dict[str, Any]:
+    """Does this machine's llama.cpp decode quantized GGUFs? Checked in a child process, since a bad build dies
+    of a signal (a native build with AMX crashed in ``decode`` on Q8_0 and Q4_K_M, issue 28), which would take the
+    notebook's kernel with it.
+
+    Returns ``ok``, ``detail``, ``fix`` (what to do when not ok), ``system_info`` (llama.cpp's CPU features, e.g.
+    ``AVX2 = 1 | AMX_INT8 = 0``) and ``amx`` (whether the build uses AMX).
+    """
+    import importlib.util
+
+    from .llama_build import plan
+
+    rebuild = (f"rebuild it portably: `python src/lora_course/llama_build.py --install` in the course's clone "
+               f"(tier {plan()['tier']} on this CPU, AMX off), then restart the kernel")
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"ok": False, "detail": "llama-cpp-python is not installed (chapter 6 needs it)",
+                "fix": "install the export extra: `make setup` locally, or the setup cell of notebook 08 on "
+                       "Colab/Kaggle", "system_info": "", "amx": False}
+    paths = probe_ggufs(quants)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD, *map(str, paths.values())], check=False,
+                              capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "detail": f"decoding the probe GGUFs took over {timeout:.0f} s", "fix": rebuild,
+                "system_info": "", "amx": False}
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    info = lines[0]["system_info"] if lines else ""
+    amx = bool(re.search(r"AMX_INT8 = 1|AMX_BF16 = 1|AMX_TILE = 1", info))
+    decoded = [Path(x["path"]).stem.removeprefix("tiny-") for x in lines[1:]]
+    if proc.returncode != 0:
+        import signal
+
+        died = (f"died of {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                else f"exited with {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+        failed = [q for q in paths if q not in decoded]
+        return {"ok": False, "detail": f"llama.cpp {died} decoding a {failed[0] if failed else '?'} GGUF "
+                f"(decoded: {decoded or 'none'}; build: {info.strip() or 'unknown'})", "fix": rebuild,
+                "system_info": info, "amx": amx}
+    return {"ok": True, "detail": f"decoded {', '.join(decoded)} GGUFs in a child process", "fix": "",
+            "system_info": info, "amx": amx}
 
 
 # ------------------------------------------------------------------------------------------------ serving
@@ -1306,7 +1458,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="extract llama.cpp's converter from the pinned llama-cpp-python sdist into the cache")
     parser.add_argument("--sdist", type=Path, default=None, help="a local llama-cpp-python sdist (.tar.gz)")
     parser.add_argument("--version", default=LLAMA_CPP_PIN)
+    parser.add_argument("--check", action="store_true",
+                        help="check in a child process that llama.cpp decodes quantized GGUFs on this CPU")
     args = parser.parse_args(argv)
+    if args.check:
+        rep = llama_cpp_check()
+        print(("ok: " if rep["ok"] else "FAILED: ") + rep["detail"] + (f"\nfix: {rep['fix']}" if rep["fix"] else ""))
+        print(f"llama.cpp system info: {rep['system_info'].strip()}")
+        sys.exit(0 if rep["ok"] else 1)
     if args.fetch_converter:
         path = fetch_converter(args.version, args.sdist)
         print(f"llama.cpp converter (llama-cpp-python {args.version}): {path}")

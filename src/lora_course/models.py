@@ -10,7 +10,8 @@ Profiles:
 - ``tiny``: a random-init Llama of two layers sharing that tokenizer, for unit tests and mechanics (shapes,
   parameter counts, equality checks) only, never for quality.
 - ``gpu`` / ``colab`` / ``kaggle``: an ungated hub model of the same family (SmolLM2-1.7B/360M-Instruct) or any
-  hub id or local path given as ``model_id``; precision chosen by the hardware (bf16, fp16 on a T4, fp32 on CPU).
+  hub id or local path given as ``model_id``; precision chosen by the hardware (``hardware.select_dtype``: bf16 with
+  native bf16, fp16 on a T4 or under ``LORA_COURSE_EMULATE=t4``, fp32 on CPU).
 
 ``python -m lora_course.models --profile cpu`` builds the cache ahead of time (``make model``).
 """
@@ -84,16 +85,15 @@ def resolve_profile(profile: str = "auto") -> str:
 
 
 def select_dtype(device: str | None = None) -> Any:
-    """Training/inference precision for the hardware: bf16 where supported, fp16 on older GPUs (T4), fp32 on CPU.
+    """Inference/weights precision for the hardware: bf16 with native bf16 (compute capability >= 8.0), fp16 on
+    older GPUs (T4, V100, and under ``LORA_COURSE_EMULATE=t4``), fp32 on CPU: ``hardware.select_dtype``.
 
-    fp32 on CPU because bf16 matmuls there are emulated and about 5x slower on this course's machines.
+    fp32 on CPU because bf16 matmuls there are emulated and about 5x slower on this course's machines. Training
+    precision (fp32 master weights for full fine-tuning on a T4, fp32 adapters) is ``hardware.train_precision``.
     """
-    import torch
+    from .hardware import select_dtype as _select
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return _select(device)
 
 
 # ------------------------------------------------------------------------------------------- cpu model
@@ -265,26 +265,37 @@ def prepare_tokenizer(tok: Any) -> Any:
 
 
 def load_base(profile: str = "auto", model_id: str | None = None, dtype: Any = None,
-              device: str | None = None) -> tuple[Any, Any]:
+              device: str | None = None, mode: str = "inference") -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for a profile (or any hub id / local path) through ``from_pretrained``.
 
     The same call serves the offline CPU model, the tiny test model and hub models on a GPU, so every notebook
-    runs unchanged with other parameters. The model comes back in eval mode on ``device`` in ``dtype``
-    (chosen by the hardware unless given), with ``model.lora_course_info`` describing what was loaded.
+    runs unchanged with other parameters. The model comes back in eval mode on ``device`` in ``dtype``, with
+    ``model.lora_course_info`` describing what was loaded. Without ``dtype`` the hardware decides, for ``mode``
+    (``hardware.train_precision``): ``"inference"``/``"lora"`` load bf16 or fp16 on a GPU, ``"full"`` loads fp32
+    master weights where the GPU has no native bf16 (a T4 trains them under fp16 autocast), fp32 on CPU.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .hardware import gpu_info, train_precision
+
     profile, source = resolve_source(profile, model_id)
     device = device or ("cuda" if torch.cuda.is_available() and profile not in ("cpu", "tiny") else "cpu")
-    dtype = dtype or select_dtype(device)
+    if str(device).startswith("cuda"):
+        gpu_info(device)  # the course's first touch of the GPU: applies LORA_COURSE_EMULATE's memory cap
+    if mode not in ("inference", "lora", "full"):
+        raise ValueError(f"load_base mode must be 'inference', 'lora' or 'full', got {mode!r} "
+                         "(4-bit QLoRA loads through BitsAndBytesConfig: see sft.load_for_sft)")
+    dtype = dtype or (train_precision(mode, device).model_dtype if mode != "inference" else select_dtype(device))
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as e:
-        raise ModelSourceError(
+        from .hub_access import explain_load_error
+
+        raise ModelSourceError(explain_load_error(source, e) or (
             f"could not load {source!r}: {e}. Without network access only local folders and the `cpu`/`tiny` "
-            "profiles work; on a GPU machine check the hub id and that HF_HUB_OFFLINE is not set.") from e
+            "profiles work; on a GPU machine check the hub id and that HF_HUB_OFFLINE is not set.")) from e
     model.to(device).eval()
     prepare_tokenizer(tok)
     if model.generation_config.pad_token_id is None:

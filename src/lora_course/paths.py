@@ -1,6 +1,7 @@
 """Where the course keeps things: the repository URL (one place), the data folder and the cache folder.
 
-Every badge, setup cell and doc link is derived from ``REPO_URL``; ``tests/test_notebooks.py`` checks that.
+Every badge, setup cell and doc link is derived from ``REPO_URL``; ``tests/test_notebooks.py`` checks that. The setup
+cells clone ``$LORA_COURSE_REPO_URL`` (branch ``$LORA_COURSE_REPO_REF``) instead when set (``clone_url``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,22 @@ REPO_URL = "https://github.com/lora-course/lora-course"
 
 REPO_BRANCH = "main"
 
+REPO_URL_ENV = "LORA_COURSE_REPO_URL"
+"""Overrides the address the setup cells clone (a fork, a mirror, or a ``file://`` URL in tests); badges keep
+``REPO_URL`` (a fork changes ``REPO_URL`` and regenerates them with ``python -m lora_course.notebook --sync``)."""
+REPO_REF_ENV = "LORA_COURSE_REPO_REF"
+"""Overrides the branch or tag the setup cells clone (``REPO_BRANCH`` by default)."""
+
+
+def clone_url() -> str:
+    """The address a setup cell clones: ``$LORA_COURSE_REPO_URL`` or ``REPO_URL``."""
+    return os.environ.get(REPO_URL_ENV) or REPO_URL
+
+
+def clone_ref() -> str:
+    """The branch or tag a setup cell clones: ``$LORA_COURSE_REPO_REF`` or ``REPO_BRANCH``."""
+    return os.environ.get(REPO_REF_ENV) or REPO_BRANCH
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent.parent
 
@@ -32,7 +49,7 @@ def data_dir() -> Path:
     if not path.is_dir():
         raise FileNotFoundError(
             f"task data folder {path} does not exist. Clone the repository and install it editable "
-            f"(`git clone {REPO_URL} && pip install -e lora-course`), or point LORA_COURSE_DATA at a copy "
+            f"(`git clone {clone_url()} && pip install -e lora-course`), or point LORA_COURSE_DATA at a copy "
             "of its data/ folder."
         )
     return path

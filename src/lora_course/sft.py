@@ -70,16 +70,19 @@ def installed_version(package: str) -> str | None:
 
 
 def detect_hardware() -> Hardware:
-    """Describe this machine: the first CUDA GPU if there is one, else the CPU and its RAM."""
-    import torch
+    """Describe this machine as the course decides from it (``hardware.gpu_info``): the current CUDA GPU if there
+    is one, else the CPU and its RAM.
 
+    bf16 means native bf16 (compute capability >= 8.0), not ``torch.cuda.is_bf16_supported()`` (True on a T4,
+    whose bf16 is emulated); under ``LORA_COURSE_EMULATE=t4`` this is a T4's capability and 15 GiB.
+    """
     from .env import memory_gib
+    from .hardware import gpu_info
 
     unsloth = installed_version("unsloth")
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return Hardware("cuda", props.name, round(props.total_memory / 2**30, 1), torch.cuda.is_bf16_supported(),
-                        (props.major, props.minor), unsloth)
+    gpu = gpu_info()
+    if gpu.available:
+        return Hardware("cuda", gpu.name, round(gpu.memory_gib, 1), gpu.native_bf16, gpu.capability, unsloth)
     return Hardware("cpu", "cpu", round(memory_gib().get("total", 8.0), 1), False, None, unsloth)
 
 
@@ -167,9 +170,10 @@ class SFTRecipe:
     def sft_kwargs(self, output_dir: str, max_steps: int, seed: int = 0, **overrides: Any) -> dict[str, Any]:
         """The ``trl.SFTConfig`` arguments of this recipe; ``overrides`` win (e.g. ``logging_steps``).
 
-        TRL's own defaults assume a GPU (``bf16=True``, ``gradient_checkpointing=True``): both are set explicitly here.
-        Padding-free batches without packing cannot be truncated by TRL, so ``max_length`` is then left to the data
-        (cut it first; ``check_lengths`` says whether it is).
+        TRL's own defaults assume a GPU (``bf16=True``, ``gradient_checkpointing=True``): both are set explicitly here,
+        ``fp16``/``bf16`` from the recipe's precision (``hardware.train_precision``), which Unsloth's trainer checks
+        against the model's dtype. Padding-free batches without packing cannot be truncated by TRL, so ``max_length``
+        is then left to the data (cut it first; ``check_lengths`` says whether it is).
         """
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
@@ -193,10 +197,13 @@ class SFTRecipe:
         return kw
 
     def sft_config(self, output_dir: str, max_steps: int, seed: int = 0, **overrides: Any) -> Any:
-        """``trl.SFTConfig(**self.sft_kwargs(...))`` (transformers checks there that the hardware has the precision)."""
+        """``trl.SFTConfig(**self.sft_kwargs(...))`` on one GPU (``hardware.single_device``: no DataParallel on
+        Kaggle's 2x T4); transformers checks there that the hardware has the precision."""
         from trl import SFTConfig
 
-        return SFTConfig(**self.sft_kwargs(output_dir, max_steps, seed, **overrides))
+        from .hardware import single_device
+
+        return single_device(SFTConfig(**self.sft_kwargs(output_dir, max_steps, seed, **overrides)))
 
     def lora_kwargs(self) -> dict[str, Any]:
         """The LoRA hyperparameters, shared by both backends."""
@@ -237,7 +244,8 @@ def build_recipe(hw: Hardware, backend: str = "auto", effective_batch_size: int 
 
     precision = "bf16" if cuda and hw.bf16 else "fp16" if cuda else "fp32"
     why["precision"] = {"bf16": "bf16 tensor cores; same range as fp32, no loss scaling",
-                        "fp16": "no bf16 on this GPU (e.g. T4): fp16 with loss scaling",
+                        "fp16": "no native bf16 on this GPU (compute capability < 8.0, e.g. T4): fp16 base, fp32 "
+                                "adapters, loss scaling",
                         "fp32": "CPU: bf16 matmuls are emulated there (about 5x slower); TRL's bf16 default is off"}[
         precision]
     optim = "adamw_8bit" if cuda else "adamw_torch"
@@ -326,7 +334,9 @@ def load_for_sft(recipe: SFTRecipe, source: str, seed: int = 0) -> tuple[Any, An
         if recipe.load_in_4bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora_kwargs()))
+        # fp32 adapters over a bf16/fp16 base (peft's default, spelled out): fp16's GradScaler unscales fp32 only
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora_kwargs()),
+                               autocast_adapter_dtype=True)
     prepare_tokenizer(tok)
     tok.padding_side = "right"  # training pads on the right; evaluate.generate switches to left itself
     model.config.use_cache = False
@@ -377,13 +387,21 @@ def make_trainer(model: Any, args: Any, train_dataset: Any, tokenizer: Any, quie
     TRL 1.15 computes the SFT loss with a fused, chunked LM head that never builds the full ``tokens x vocab`` logits
     (a Triton kernel). CPU builds of torch have no Triton, so there the loss comes from the model's forward (full
     logits, the same mean over labelled tokens); TRL's ``mean_token_accuracy``/``entropy`` logs are then absent.
+
+    With ``args.fp16`` the trainable parameters are put back to fp32 after TRL built the trainer: TRL 1.15 casts a
+    quantized model's trainable parameters to bf16 whatever the precision (``_is_quantized_model``), and fp16's
+    GradScaler cannot unscale bf16 gradients. ``args`` is kept to one GPU (``hardware.single_device``).
     """
     from trl import SFTTrainer
 
+    from .hardware import single_device
+
+    args = single_device(args)
     if fused_loss_available():
         if not quiet:
             print("loss: TRL's fused LM-head cross-entropy (Triton)")
-        return SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **kwargs)
+        return _fp16_ready(SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                                      **kwargs), quiet)
 
     class FullLogitsSFTTrainer(SFTTrainer):
         """``SFTTrainer`` with the model's own loss (TRL's documented way: subclass and override ``compute_loss``)."""
@@ -398,8 +416,20 @@ def make_trainer(model: Any, args: Any, train_dataset: Any, tokenizer: Any, quie
 
     if not quiet:
         print("loss: the model's own cross-entropy (no Triton here, so TRL's fused LM-head kernel cannot run)")
-    return FullLogitsSFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                                **kwargs)
+    return _fp16_ready(FullLogitsSFTTrainer(model=model, args=args, train_dataset=train_dataset,
+                                            processing_class=tokenizer, **kwargs), quiet)
+
+
+def _fp16_ready(trainer: Any, quiet: bool) -> Any:
+    """With ``fp16=True``: every trainable parameter fp32 before the optimizer exists (it is built in ``train()``)."""
+    from .hardware import upcast_trainable
+
+    if trainer.args.fp16:
+        cast = upcast_trainable(trainer.model)
+        if cast and not quiet:
+            print(f"fp16: {cast} trainable tensors put back to fp32 (TRL had cast them to bf16; the GradScaler "
+                  "unscales fp32 gradients only)")
+    return trainer
 
 
 # ------------------------------------------------------------------------------------------ data formats

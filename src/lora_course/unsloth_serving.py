@@ -3,14 +3,17 @@
 ``check(model_dir, adapters, prompts)`` measures it in two fresh processes, so neither the caller nor the reference
 is touched by Unsloth's patches (importing Unsloth rewrites transformers' Llama classes for the whole process):
 
-1. **plain** (transformers + peft, bf16): the registry's next-token logits of every prompt under each adapter and
-   under the bare base: the reference. Without given adapters it first writes random LoRA adapters (r=8, every
-   linear layer, non-zero B) so that each one visibly changes the outputs of a random-init model.
-2. **unsloth**: ``FastLanguageModel.from_pretrained(..., load_in_4bit=False)``, ``FastLanguageModel.for_inference``,
-   then ``AdapterRegistry``: ``load`` (with its checks), ``activate`` + next-token logits and greedy ``generate``
-   per adapter (compared with the plain reference), one **mixed batch** routed per row (``adapter_names``; forward
-   logits, and the raw logits of every generated token, which Unsloth computes in its own decode step), peft's own
-   mixed batch (``engine="peft"``), and ``unload`` of every adapter (memory freed, the bare base back).
+1. **plain** (transformers + peft in the GPU's precision, ``hardware.select_dtype``: bf16 with native bf16, fp16
+   on a T4 or under ``LORA_COURSE_EMULATE=t4``): the registry's next-token logits of every prompt under each
+   adapter and under the bare base: the reference. Without given adapters it first writes random LoRA adapters
+   (r=8, every linear layer, non-zero B) so that each one visibly changes the outputs of a random-init model.
+2. **unsloth**: ``FastLanguageModel.from_pretrained(..., dtype=<the same precision>, load_in_4bit=False)`` (given
+   explicitly: Unsloth's own default follows ``torch.cuda.is_bf16_supported()``, which an emulation leaves True),
+   ``FastLanguageModel.for_inference``, then ``AdapterRegistry``: ``load`` (with its checks), ``activate`` +
+   next-token logits and greedy ``generate`` per adapter (compared with the plain reference), one **mixed batch**
+   routed per row (``adapter_names``; forward logits, and the raw logits of every generated token, which Unsloth
+   computes in its own decode step), peft's own mixed batch (``engine="peft"``), and ``unload`` of every adapter
+   (memory freed, the bare base back).
 
 The returned report holds every number; ``tests/test_adapters_gpu.py`` asserts on it and notebook 07 prints it.
 
@@ -70,7 +73,7 @@ def verdict(rep: dict[str, Any], ratio: float = 0.1) -> dict[str, bool]:
     """Plain statements about what worked, each True or False, from a ``check`` report.
 
     "Matches" means: the largest logit difference is at most ``ratio`` times the separation between adapters (the
-    smallest difference between one adapter's logits and any other adapter's, or the base's): bf16 kernels differ
+    smallest difference between one adapter's logits and any other adapter's, or the base's): bf16/fp16 kernels differ
     in their last bits, but a row served by the wrong adapter, or by none, is off by the whole separation.
     """
     sep = min(rep["alone_vs_plain_other_adapter"].values())
@@ -116,13 +119,21 @@ def _make_random_adapters(model: Any, folder: Path, names: tuple[str, ...], seed
     return out
 
 
+def serving_dtype() -> Any:
+    """The precision both phases serve in: ``hardware.select_dtype("cuda")`` (applies an emulation's memory cap)."""
+    from .hardware import select_dtype
+
+    return select_dtype("cuda")
+
+
 def _plain(job: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .adapters import BASE, AdapterRegistry
 
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.bfloat16).to("cuda").eval()
+    dtype = serving_dtype()
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype).to("cuda").eval()
     tok = AutoTokenizer.from_pretrained(job["model_dir"])
     work = Path(job["work"])
     if not job["adapters"]:
@@ -170,13 +181,16 @@ def _unsloth(job: dict[str, Any]) -> None:
     work = Path(job["work"])
     ref = torch.load(work / "plain.pt")
     names, prompts, n = list(job["adapters"]), job["prompts"], job["new_tokens"]
-    model, tok = flm.from_pretrained(model_name=job["model_dir"], max_seq_length=1024, dtype=torch.bfloat16,
+    dtype = serving_dtype()
+    model, tok = flm.from_pretrained(model_name=job["model_dir"], max_seq_length=1024, dtype=dtype,
                                      load_in_4bit=False)
     flm.for_inference(model)
     tok = getattr(tok, "tokenizer", tok)
     reg = AdapterRegistry(model, tok)
     rep: dict[str, Any] = {"unsloth_detected": reg.unsloth, "model_class": type(model).__name__,
-                           "plain_routed_vs_alone": ref["plain_routed_vs_alone"]}
+                           "plain_routed_vs_alone": ref["plain_routed_vs_alone"],
+                           "dtype": str(dtype).replace("torch.", ""),
+                           "model_dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     mem0 = torch.cuda.memory_allocated()
     for name in names:
         reg.load(name, job["adapters"][name])
