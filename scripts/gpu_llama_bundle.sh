@@ -2,8 +2,9 @@
 # llama.cpp for notebook 08 on an offline GPU machine (`make test-gpu`), as a second bundle beside .gpu/site312.tgz.
 #
 # The GPU image has no llama.cpp, and llama-cpp-python 0.3.36 has no wheel on PyPI: this packs
-#   site/  the llama_cpp runtime this checkout's .venv built from source (ctypes shared libraries: no Python ABI, so
-#          the 3.11 build loads under the GPU machine's 3.12), plus its server's pure-Python dependencies for 3.12;
+#   site/  the llama_cpp runtime this checkout's .venv built from source with the course's portable flags
+#          (llama_build.py's avx2 tier; checked below), ctypes shared libraries with no Python ABI, so the 3.11 build
+#          loads under the GPU machine's 3.12, plus its server's pure-Python dependencies for 3.12;
 #   lcc/   llama.cpp's converter scripts, extracted into the course cache layout (`python -m lora_course.export
 #          --fetch-converter`).
 # On the GPU machine, after the main bundle:  tar -C /tmp -xzf .gpu/llama-extra.tgz
@@ -25,6 +26,14 @@ lib=$($py -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))" 
   echo "error: llama_cpp is not installed in .venv: run 'make setup' (the export extra)" >&2
   exit 2
 }
+# Only the course's portable build travels (src/lora_course/llama_build.py: AVX2, no AVX-512, no AMX): the GPU hosts
+# are Xeons with AMX, where a native build crashed decoding Q8_0/Q4_K_M (issue 28); this build decoded both there.
+info=$($py -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())")
+if echo "$info" | grep -Eq 'AMX_[A-Z0-9]+ = 1|AVX512 = 1'; then
+  echo "error: .venv's llama.cpp was not built portably ($info): run" \
+    "'LORA_COURSE_LLAMA_TIER=avx2 .venv/bin/python src/lora_course/llama_build.py --install' first" >&2
+  exit 2
+fi
 conv=$($py -m lora_course.export --fetch-converter | sed -n 's/^llama.cpp converter ([^)]*): //p')
 if [ ! -f "$conv/COMPLETE.json" ]; then
   echo "error: llama.cpp's converter was not found in the course cache ($conv): run 'make model'" >&2
