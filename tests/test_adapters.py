@@ -14,10 +14,14 @@ from lora_course.adapters import (
     AdapterRecipe,
     AdapterRegistry,
     AdapterRegistryError,
+    GreedyComparison,
+    compare_greedy,
     course_adapter,
     evaluate_matrix,
     is_unsloth_model,
     main,
+    mixed_vs_sequential,
+    noise_floor,
     recipe_key,
 )
 from lora_course.adapters_io import save_adapter
@@ -106,6 +110,78 @@ def test_mixed_batch_rows_equal_each_adapter_alone(reg, dirs):
     assert routed == peft_mixed == one_by_one
     assert len(set(routed[:3])) > 1  # different adapters answer differently
     assert "forward" not in vars(reg._layers[0][1])  # the routed forwards are removed afterwards
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noise_floor_passes_the_routed_batch_and_rejects_a_wrong_route(dirs, dtype, monkeypatch):
+    model, tok = load_base("tiny", dtype=dtype)
+    reg = AdapterRegistry(model, tok)
+    for n in "abc":
+        reg.load(n, dirs[n])
+    route = ["a", "b", BASE, "c"]
+    nf = noise_floor(reg, PROMPTS, route)
+    assert reg.active == "a"  # restored
+    assert nf.route == tuple(route) and nf.alone.shape[0] == len(route) and len(nf.per_row) == len(route)
+    assert nf.floor == max(nf.per_row) and nf.bound == nf.k * nf.floor + nf.eps and nf.eps > 0
+    assert nf.separates and nf.gap > 5 * nf.bound  # random adapters move every row by far more than the noise
+    mixed = reg.next_token_logits(PROMPTS, route)
+    assert nf.within(mixed), (nf.max_diff(mixed), nf.bound)
+    assert compare_greedy(reg, PROMPTS, route, nf.bound, max_new_tokens=6).ok
+    with pytest.raises(ValueError, match="one row per prompt"):
+        nf.max_diff(mixed[:2])
+    with pytest.raises(AdapterRegistryError, match="one name per prompt"):
+        noise_floor(reg, PROMPTS, route[:2])
+
+    # A broken routed forward: the stacked weights in another order than the mask expects, so rows get the wrong
+    # adapter. The bound must reject it, for the logits and for the greedy replies alike.
+    pack = reg._pack
+    monkeypatch.setattr(reg, "_pack", lambda names: pack(names[1:] + names[:1]))
+    wrong = reg.next_token_logits(PROMPTS, route)
+    assert not nf.within(wrong) and nf.max_diff(wrong) > nf.gap / 2
+    greedy = compare_greedy(reg, PROMPTS, route, nf.bound, max_new_tokens=6)
+    assert not greedy.identical
+    if dtype == torch.float32:
+        assert not greedy.ok and greedy.real_differences
+    else:  # a random-init model's logits are near zero: in bf16 every top-2 margin here is within the noise, so
+        # its greedy replies say nothing either way (compare_greedy counts no difference); the logits check above does
+        assert all(m is None or m <= 2 * nf.bound for m in greedy.margin), greedy
+    # so is a route that sends rows to the wrong names through the correct forward
+    monkeypatch.undo()
+    assert not nf.within(reg.next_token_logits(PROMPTS, ["b", "a", BASE, "c"]))
+
+
+def test_noise_floor_without_a_second_name_cannot_misroute(reg, dirs):
+    reg.load("a", dirs["a"])
+    nf = noise_floor(reg, PROMPTS[:2], ["a", "a"])
+    assert nf.gap == float("inf") and nf.separates and nf.within(reg.next_token_logits(PROMPTS[:2], ["a", "a"]))
+
+
+def test_greedy_comparison_counts_only_differences_away_from_near_ties():
+    def cmp(first, margin, bound=0.1):
+        return GreedyComparison(first, margin, bound, ("x",) * len(first), ("y",) * len(first))
+
+    assert cmp((None, None), (None, None)).ok and cmp((None, None), (None, None)).identical
+    near = cmp((None, 3), (None, 0.2))  # a flip where the top two logits are within 2 x bound: rounding can do it
+    assert near.ok and not near.identical and near.real_differences == []
+    real = cmp((None, 3), (None, 0.21))
+    assert not real.ok and real.real_differences == [1]
+    assert not cmp((0,), (None,)).ok  # a difference with no logits to judge it is real
+
+
+def test_mixed_vs_sequential_keeps_every_repeat_and_reports_medians(reg, dirs):
+    import statistics
+
+    for n in "ab":
+        reg.load(n, dirs[n])
+    reg.activate("b")
+    tp = mixed_vs_sequential(reg, {"a": PROMPTS[:1], "b": PROMPTS[1:2]}, new_tokens=2, repeats=3, with_peft=False)
+    assert set(tp.samples) == {"mixed", "sequential", "sequential_routed"} and reg.active == "b"
+    assert all(len(v) == 3 and min(v) > 0 for v in tp.samples.values())
+    assert tp.mixed_s == statistics.median(tp.samples["mixed"])
+    assert tp.sequential_routed_s == statistics.median(tp.samples["sequential_routed"])
+    assert tp.ratio == min(tp.sequential_s, tp.sequential_routed_s) / tp.mixed_s
+    with pytest.raises(ValueError, match="at least once"):
+        mixed_vs_sequential(reg, {"a": PROMPTS[:1]}, repeats=0)
 
 
 def test_evaluate_matrix_matches_activated_generation(reg, dirs):

@@ -12,7 +12,10 @@ Implements:
 - ``course_adapter``: the course's task adapters, trained once with a fixed recipe and cached under
   ``cache_dir()/adapters`` behind a file lock (``python -m lora_course.adapters --build-course-adapters``).
 - ``mixed_vs_sequential``, ``evaluate_matrix``, ``median_ms``: the measurements chapter 5 reports;
-  ``python -m lora_course.adapters --bench`` prints them against the targets.
+  ``python -m lora_course.adapters --bench`` prints them against the targets (``lora_course.cpu_bench`` runs them
+  with the course's other speed targets).
+- ``noise_floor`` / ``compare_greedy``: how far a row's logits move with the batch it runs in (same adapter), the
+  tolerance a mixed batch is checked against in any precision, and greedy replies compared only away from near-ties.
 
 Two departures from plain peft, both measured in notebook 07 and the benchmark:
 
@@ -43,12 +46,13 @@ import argparse
 import gc
 import hashlib
 import json
+import math
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -487,6 +491,13 @@ class AdapterRegistry:
         the bare base): ``engine="routed"`` runs the stacked-weights forward of ``routed``; ``engine="peft"``
         passes the names to peft's own mixed-batch ``generate`` (for comparison).
         """
+        batch, ids = self._generate(prompts, adapter_names, engine, **gen_kwargs)
+        new = ids[:, batch["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _generate(self, prompts: Sequence[str | list[dict[str, str]]], adapter_names: Sequence[str] | None = None,
+                  engine: str = "routed", **gen_kwargs: Any) -> tuple[Any, Any]:
+        """``(encoded batch, model.generate's output)`` for ``generate`` and ``greedy_tokens``."""
         import torch
 
         if adapter_names is not None and len(adapter_names) != len(prompts):
@@ -499,19 +510,18 @@ class AdapterRegistry:
         self.model.eval()
         with torch.inference_mode():
             if adapter_names is None:
-                ids = self.model.generate(**batch, **kwargs)
+                out = self.model.generate(**batch, **kwargs)
             elif engine == "peft":
                 for n in adapter_names:
                     self._require(n, allow_base=True)
                 if self.peft_model is None:
                     raise AdapterRegistryError("engine='peft' needs at least one loaded adapter")
                 with self._unsloth_calls_layers(sorted(set(adapter_names) - {BASE}) or self.names[:1]):
-                    ids = self.peft_model.generate(**batch, adapter_names=list(adapter_names), **kwargs)
+                    out = self.peft_model.generate(**batch, adapter_names=list(adapter_names), **kwargs)
             else:
                 with self.routed(adapter_names):
-                    ids = self.model.generate(**batch, **kwargs)
-        new = ids[:, batch["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+                    out = self.model.generate(**batch, **kwargs)
+        return batch, out
 
     def next_token_logits(self, prompts: Sequence[str | list[dict[str, str]]],
                           adapter_names: Sequence[str] | None = None) -> Any:
@@ -655,6 +665,11 @@ class AdapterRegistry:
 # =========================================================================================== measuring
 def median_ms(fn: Callable[[], Any], repeat: int = 50, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``repeat`` calls, after ``warmup`` untimed calls."""
+    return statistics.median(timed_ms(fn, repeat, warmup))
+
+
+def timed_ms(fn: Callable[[], Any], repeat: int = 50, warmup: int = 2) -> list[float]:
+    """Wall time of each of ``repeat`` calls of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -662,12 +677,15 @@ def median_ms(fn: Callable[[], Any], repeat: int = 50, warmup: int = 2) -> float
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 @dataclass
 class Throughput:
-    """Mixed batch (every adapter's rows in one batch) against one batch per adapter, same rows and tokens."""
+    """Mixed batch (every adapter's rows in one batch) against one batch per adapter, same rows and tokens.
+
+    Each ``*_s`` is the median of the timed runs kept in ``samples`` (seconds, one list per way).
+    """
 
     rows: int
     new_tokens: int
@@ -675,6 +693,7 @@ class Throughput:
     sequential_s: float                        # activate + generate per adapter, peft's forward
     sequential_routed_s: float | None = None   # one routed batch per adapter (the mixed batch's own forward)
     peft_mixed_s: float | None = None          # peft's own adapter_names mixed batch
+    samples: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def best_sequential_s(self) -> float:
@@ -683,7 +702,7 @@ class Throughput:
 
     @property
     def ratio(self) -> float:
-        """Throughput of the mixed batch over the faster sequential way."""
+        """Throughput of the mixed batch over the faster sequential way (a ratio of medians)."""
         return self.best_sequential_s / self.mixed_s
 
     @property
@@ -695,28 +714,21 @@ class Throughput:
 
 
 def mixed_vs_sequential(registry: AdapterRegistry, prompts: dict[str, list[Any]], new_tokens: int = 32,
-                        repeats: int = 2, with_peft: bool = True, with_routed_sequential: bool = True,
+                        repeats: int = 3, with_peft: bool = True, with_routed_sequential: bool = True,
                         warmup: bool = True) -> Throughput:
     """Time serving ``prompts`` ({adapter: its prompts}) as one mixed batch vs one batch per adapter.
 
-    Every row generates exactly ``new_tokens`` tokens (``min_new_tokens``), so both ways do the same work; each
-    timing is the best of ``repeats``, after one untimed warm-up run when ``warmup``. The sequential way with
-    peft's forward (activate, generate) is always measured; ``with_routed_sequential`` adds one batch per adapter
-    through the routed forward, so the ratio shows batching alone, not a faster forward.
+    Every row generates exactly ``new_tokens`` tokens (``min_new_tokens``), so both ways do the same work. After one
+    untimed run of each way (``warmup``), the ways are timed ``repeats`` times *interleaved* (mixed, sequential, ...,
+    then again), so a burst of load from other processes falls on every way alike; each figure is the median. The
+    sequential way with peft's forward (activate, generate) is always measured; ``with_routed_sequential`` adds one
+    batch per adapter through the routed forward, so the ratio shows batching alone, not a faster forward.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: time each way at least once")
     rows = [(n, p) for n, ps in prompts.items() for p in ps]
     names, texts = [n for n, _ in rows], [p for _, p in rows]
     kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-
-    def best(fn: Callable[[], Any]) -> float:
-        if warmup:
-            fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
 
     def sequential() -> None:
         for n, ps in prompts.items():
@@ -727,17 +739,215 @@ def mixed_vs_sequential(registry: AdapterRegistry, prompts: dict[str, list[Any]]
         for n, ps in prompts.items():
             registry.generate(ps, adapter_names=[n] * len(ps), **kw)
 
+    ways: dict[str, Callable[[], Any]] = {"mixed": lambda: registry.generate(texts, names, **kw),
+                                          "sequential": sequential}
+    if with_routed_sequential:
+        ways["sequential_routed"] = sequential_routed
+    if with_peft:
+        ways["peft_mixed"] = lambda: registry.generate(texts, names, engine="peft", **kw)
+    samples: dict[str, list[float]] = {k: [] for k in ways}
     previous = registry.active
     try:
-        result = Throughput(len(rows), new_tokens, best(lambda: registry.generate(texts, names, **kw)),
-                            best(sequential))
-        if with_routed_sequential:
-            result.sequential_routed_s = best(sequential_routed)
-        if with_peft:
-            result.peft_mixed_s = best(lambda: registry.generate(texts, names, engine="peft", **kw))
+        for fn in ways.values() if warmup else ():
+            fn()
+        for _ in range(repeats):
+            for k, fn in ways.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[k].append(time.perf_counter() - t0)
     finally:
         registry.activate(previous)
-    return result
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return Throughput(len(rows), new_tokens, med["mixed"], med["sequential"], med.get("sequential_routed"),
+                      med.get("peft_mixed"), samples)
+
+
+# ------------------------------------------------------------------------------------- the noise floor
+FLOOR_K = 4.0
+"""How many noise floors a correct mixed batch may differ from each adapter alone (``NoiseFloor.bound``).
+
+A row of a mixed batch differs from the same row alone by two roundings: the batch composition (other rows, left
+padding: what the floor measures with the same adapter and peft's forward) and the routed LoRA arithmetic (stacked
+A, pre-scaled B, one more rounding of the sum per layer), a source of the same kind and size. Two such sources
+stay under 2 floors; 4 leaves a factor 2 for kernels chosen by shape that were not measured here. Measured on
+SmolLM2-135M (CPU, logits up to ~34), mixed vs alone over the floor: fp32 0.87 (4.5e-5 / 5.1e-5), bf16 1.25
+(0.47 / 0.375), fp16 0.82 (0.047 / 0.057); a misrouted row moves by whole logits (``NoiseFloor.gap``).
+"""
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """How much a row's next-token logits move with the batch it runs in, the adapter unchanged.
+
+    ``alone[i]``: prompt ``i`` alone (a batch of one) with ``route[i]`` activated (peft's forward). The same prompt
+    with the same adapter also runs in the batch of all prompts (left-padded to the longest) and in that batch plus
+    a longer filler prompt (every row padded, one more row); ``floor`` is the largest difference of a row between
+    any two of these compositions: pure rounding, since the function computed is the same. ``gap`` is what a row
+    routed to the wrong adapter would show: over rows, the smallest max |difference| between the row's logits with
+    its own adapter and with any other name of the route (``inf`` with a single name).
+    """
+
+    route: tuple[str, ...]
+    alone: Any                  # (rows, vocab) float32
+    floor: float
+    per_row: tuple[float, ...]  # each row's floor
+    gap: float
+    eps: float                  # one unit in the last place of the largest |logit| in the model's dtype
+    k: float = FLOOR_K
+
+    @property
+    def bound(self) -> float:
+        """The largest difference from ``alone`` a correct computation may show: ``k * floor + eps``."""
+        return self.k * self.floor + self.eps
+
+    @property
+    def separates(self) -> bool:
+        """Whether the bound tells a correct row from a misrouted one (``bound < gap``): else the check is blind."""
+        return self.bound < self.gap
+
+    def max_diff(self, logits: Any) -> float:
+        """max |logits - alone| over rows and vocabulary (``logits``: (rows, vocab), rows in route order)."""
+        if tuple(logits.shape) != tuple(self.alone.shape):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for a route of {len(self.route)} rows "
+                             f"(alone: {tuple(self.alone.shape)}): pass one row per prompt, in route order")
+        return float((logits.float().cpu() - self.alone).abs().max())
+
+    def within(self, logits: Any) -> bool:
+        """True when ``logits`` equal ``alone`` up to the bound and the bound separates (a check that can fail)."""
+        return self.separates and self.max_diff(logits) <= self.bound
+
+
+def _filler(prompts: Sequence[Any], tokenizer: Any) -> str:
+    """A plain-text prompt longer than every prompt given (so every row of a batch with it gets left padding)."""
+    texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    return max(texts, key=lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) + \
+        " one two three four five six seven eight"
+
+
+def noise_floor(registry: AdapterRegistry, prompts: Sequence[Any], route: Sequence[str],
+                k: float = FLOOR_K) -> NoiseFloor:
+    """Measure the ``NoiseFloor`` of ``prompts`` each run with its ``route`` name (``BASE`` allowed); see there.
+
+    Needs ``len(prompts) >= 1`` and one name per prompt; the registry's active adapter is restored afterwards.
+    """
+    import torch
+
+    route = list(route)
+    if len(route) != len(prompts) or not route:
+        raise AdapterRegistryError(f"{len(route)} route names for {len(prompts)} prompts: give one name per prompt")
+    for n in route:
+        registry._require(n, allow_base=True)
+    n_rows = len(prompts)
+    padded = list(prompts) + [_filler(prompts, registry.tokenizer)]
+    previous = registry.active
+    try:
+        alone = []
+        for p, name in zip(prompts, route):
+            registry.activate(name)
+            alone.append(registry.next_token_logits([p]).cpu())
+        alone_t = torch.cat(alone)
+        batch, more = {}, {}
+        for name in dict.fromkeys(route):
+            registry.activate(name)
+            batch[name] = registry.next_token_logits(prompts).cpu()
+            more[name] = registry.next_token_logits(padded)[:n_rows].cpu()
+    finally:
+        registry.activate(previous)
+    per_row, gaps = [], []
+    for i, name in enumerate(route):
+        views = (alone_t[i], batch[name][i], more[name][i])
+        per_row.append(max(float((a - b).abs().max()) for j, a in enumerate(views) for b in views[j + 1:]))
+        others = [float((batch[o][i] - alone_t[i]).abs().max()) for o in batch if o != name]
+        gaps.append(min(others, default=math.inf))
+    dtype = next(registry.model.parameters()).dtype
+    eps = float(alone_t.abs().max()) * float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+    return NoiseFloor(tuple(route), alone_t, max(per_row), tuple(per_row), min(gaps), eps, k)
+
+
+@dataclass(frozen=True)
+class GreedyComparison:
+    """Greedy tokens of one route against each row alone, compared only where a flip would mean something.
+
+    Per row: ``first_diff`` is the first generated position where the two differ (``None``: identical, end of
+    sequence included), ``margin`` the alone run's top-1 minus top-2 logit there. A difference at a position
+    whose margin is at most ``2 * bound`` is a near-tie (each run may move each logit by up to ``bound``, so the
+    two may rank the top tokens either way) and is not counted; any other difference is real.
+    """
+
+    first_diff: tuple[int | None, ...]
+    margin: tuple[float | None, ...]
+    bound: float
+    texts: tuple[str, ...]        # the route's replies
+    alone_texts: tuple[str, ...]
+
+    @property
+    def identical(self) -> bool:
+        return all(d is None for d in self.first_diff)
+
+    @property
+    def real_differences(self) -> list[int]:
+        """The rows whose replies differ at a position that is not a near-tie."""
+        return [i for i, (d, m) in enumerate(zip(self.first_diff, self.margin))
+                if d is not None and (m is None or m > 2 * self.bound)]
+
+    @property
+    def ok(self) -> bool:
+        return not self.real_differences
+
+
+def greedy_tokens(registry: AdapterRegistry, prompts: Sequence[Any], adapter_names: Sequence[str] | None = None,
+                  max_new_tokens: int = 16) -> tuple[list[list[int]], list[Any]]:
+    """Greedy token ids of each row up to and including its end-of-sequence token, and its raw logits per step."""
+    batch, out = registry._generate(prompts, adapter_names, max_new_tokens=max_new_tokens, output_logits=True,
+                                    return_dict_in_generate=True)
+    eos = registry.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    new = out.sequences[:, batch["input_ids"].shape[1]:].tolist()
+    ids, logits = [], []
+    for r, row in enumerate(new):
+        end = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+        ids.append(row[:end])
+        logits.append(_row_logits(out.logits, r, end))
+    return ids, logits
+
+
+def _row_logits(step_logits: Sequence[Any], row: int, end: int) -> Any:
+    """(steps, vocab) float32 logits of ``row`` from ``generate``'s per-step (rows, vocab) logits, first ``end`` steps."""
+    import torch
+
+    return torch.stack([s[row].float().cpu() for s in step_logits[:end]])
+
+
+def compare_greedy(registry: AdapterRegistry, prompts: Sequence[Any], route: Sequence[str], bound: float,
+                   max_new_tokens: int = 16) -> GreedyComparison:
+    """``GreedyComparison`` of ``prompts`` as one routed batch against each prompt alone with its adapter."""
+    ids, _ = greedy_tokens(registry, prompts, route, max_new_tokens)
+    previous = registry.active
+    alone_ids, alone_logits = [], []
+    try:
+        for p, name in zip(prompts, route):
+            registry.activate(name)
+            i, lg = greedy_tokens(registry, [p], None, max_new_tokens)
+            alone_ids += i
+            alone_logits += lg
+    finally:
+        registry.activate(previous)
+    first, margins = [], []
+    for got, want, lg in zip(ids, alone_ids, alone_logits):
+        d = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if d is None and len(got) != len(want):
+            d = min(len(got), len(want))
+        first.append(d)
+        if d is None or d >= lg.shape[0]:
+            margins.append(None)
+        else:
+            top2 = lg[d].topk(2).values
+            margins.append(float(top2[0] - top2[1]))
+    dec = registry.tokenizer.batch_decode
+    return GreedyComparison(tuple(first), tuple(margins), bound,
+                            tuple(t.strip() for t in dec(ids, skip_special_tokens=True)),
+                            tuple(t.strip() for t in dec(alone_ids, skip_special_tokens=True)))
 
 
 def evaluate_matrix(registry: AdapterRegistry, examples: dict[str, list[dict[str, Any]]], names: Sequence[str],
@@ -946,7 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--rows", type=int, default=2, help="bench: prompts per adapter in the batch")
     parser.add_argument("--new-tokens", type=int, default=64, help="bench: tokens generated per row")
-    parser.add_argument("--repeats", type=int, default=2, help="bench: timed repeats (best is kept)")
+    parser.add_argument("--repeats", type=int, default=2, help="bench: timed repeats (the median is kept)")
     args = parser.parse_args(argv)
     if not (args.build_course_adapters or args.bench):
         parser.error("choose --build-course-adapters and/or --bench")
@@ -979,10 +1189,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok_act and ok_tp else 1
 
 
-__all__ = ["BASE", "COMBINATION_TYPES", "RECIPES", "AdapterCompatibilityError", "AdapterError", "AdapterFilesError",
-           "AdapterInfo", "AdapterRecipe", "AdapterRegistry", "AdapterRegistryError", "CourseAdapter", "Throughput",
-           "base_identity", "bench", "course_adapter", "evaluate_matrix", "is_unsloth_model", "median_ms",
-           "mixed_vs_sequential", "recipe_key"]
+__all__ = ["BASE", "COMBINATION_TYPES", "FLOOR_K", "RECIPES", "AdapterCompatibilityError", "AdapterError",
+           "AdapterFilesError", "AdapterInfo", "AdapterRecipe", "AdapterRegistry", "AdapterRegistryError", "CourseAdapter",
+           "GreedyComparison", "NoiseFloor", "Throughput", "base_identity", "bench", "compare_greedy", "course_adapter",
+           "evaluate_matrix", "greedy_tokens", "is_unsloth_model", "median_ms", "mixed_vs_sequential", "noise_floor",
+           "recipe_key", "timed_ms"]
 
 if __name__ == "__main__":
     sys.exit(main())
