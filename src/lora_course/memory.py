@@ -522,7 +522,10 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
         torch.cuda.synchronize()
     sec = (time.perf_counter() - t0) / max(steps, 1)
     measured = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(mark)
-    dtype = "fp32" if not cuda else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    from .hardware import native_bf16
+
+    # the dtype load_base chose: bf16 only with native bf16 (a T4's bf16 is emulated)
+    dtype = "fp32" if not cuda else ("bf16" if native_bf16() else "fp16")
     setup = TrainingSetup(method, batch_size, seq_len, dtype, "adamw", gradient_checkpointing=gradient_checkpointing,
                           r=r, targets=ALL_LINEAR,
                           padded=task is not None)
