@@ -25,6 +25,8 @@ def _opts(args):
 def test_cpu_flags_are_read_from_cpuinfo():
     assert _flags(XEON_AMX) >= {"avx512f", "amx_int8", "avx2"}
     assert lb.cpu_flags("no flags line here") == set()
+    assert lb.cpu_model("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n") == "Intel(R) Xeon(R) Processor"
+    assert lb.cpu_model("no model line") == ""
     assert lb.cpu_summary(_flags(XEON_AMX)) == {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx": True}
     assert lb.cpu_summary(_flags(EPYC_ZEN2)) == {"avx2": True, "avx512f": False, "avx512_bf16": False,
                                                  "amx": False}

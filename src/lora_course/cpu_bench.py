@@ -397,10 +397,10 @@ def machine_info(decode_threads: int | None = None) -> dict[str, Any]:
 
     import torch
 
-    from .env import _cpu_model, package_versions
-    from .llama_build import cpu_summary
+    from .env import package_versions
+    from .llama_build import cpu_model, cpu_summary
 
-    info = {"cpu": _cpu_model() or platform.processor() or "unknown", "flags": cpu_summary(),
+    info = {"cpu": cpu_model() or platform.processor() or "unknown", "flags": cpu_summary(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "decode_threads": decode_threads or os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "torch": torch.__version__, **package_versions(("transformers", "peft", "trl", "llama_cpp_python")),

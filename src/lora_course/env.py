@@ -49,7 +49,7 @@ def doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = F
     import torch
 
     from . import hardware
-    from .llama_build import cpu_summary
+    from .llama_build import cpu_model, cpu_summary
     from .models import resolve_profile
 
     cuda = torch.cuda.is_available()
@@ -63,7 +63,7 @@ def doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = F
         # True on a T4 by emulation; LORA_COURSE_EMULATE=t4 makes the course decide as on a T4 (hardware.py)
         **hardware.describe(),
         "profile": resolve_profile(profile),
-        "cpu": _cpu_model() or _platform.processor() or "unknown",
+        "cpu": cpu_model() or _platform.processor() or "unknown",
         "cpu_flags": ", ".join(k for k, v in cpu_summary().items() if v) or "none of avx2/avx512f/avx512_bf16/amx",
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -92,17 +92,6 @@ def doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = F
         report["llama_cpp_amx"] = rep["amx"]
     return report
 
-
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ('' where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def print_doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = False) -> dict[str, Any]:

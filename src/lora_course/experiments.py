@@ -407,11 +407,11 @@ def machine() -> dict[str, Any]:
     """The machine a sweep ran on (CPU model, cores, memory; the GPU when there is one)."""
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_count": os.cpu_count()}
+    from .llama_build import cpu_model
+
+    if cpu_model():
+        info["cpu"] = cpu_model()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
         info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (OSError, ValueError):
         pass

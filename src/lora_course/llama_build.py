@@ -67,6 +67,19 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (the ``model name`` line of /proc/cpuinfo); '' where there is none to read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
 def cpu_summary(flags: set[str] | None = None) -> dict[str, bool]:
     """The flags that decide the course's kernels: AVX2, AVX-512 (F, BF16), AMX."""
     f = cpu_flags() if flags is None else flags

@@ -485,21 +485,12 @@ def correctly_rounded(values: torch.Tensor, exact: torch.Tensor, dtype: torch.dt
     return (values == exact.to(dtype)) | (values == _round_ties_away(exact, dtype))
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_features() -> dict[str, Any]:
     """The CPU features that decide bitsandbytes' CPU kernels: the CPU's flags (Linux ``/proc/cpuinfo``), torch's
     vector capability, and bitsandbytes' own runtime checks (what its C library branches on)."""
-    flags = _cpu_flags()
+    from .llama_build import cpu_flags
+
+    flags = cpu_flags()
     out: dict[str, Any] = {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16",
                                                     "amx_int8")}
     out["torch_capability"] = torch.backends.cpu.get_cpu_capability()
