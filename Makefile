@@ -96,8 +96,12 @@ MODEL_ID ?=
 GPU_PROFILE ?= gpu
 EMULATE ?=
 GPU_OUT ?= build-gpu
+# GPU_WORKERS: notebooks side by side on one GPU (a small model on a large GPU; 1 on a T4); 08 always runs alone after
+# them (it times llama.cpp on every CPU core).
+GPU_WORKERS ?= 1
 test-gpu:
 	$(GPU_PYTHON) -m lora_course.gpu_lane --out $(GPU_OUT) --profile $(GPU_PROFILE) $(if $(EMULATE),--emulate $(EMULATE)) \
+		--workers $(GPU_WORKERS) --solo notebooks/08_merge_and_export.ipynb \
 		$(if $(MODEL_ID),--model-id $(MODEL_ID)) $(if $(TOKENIZER_SOURCE),--tokenizer-source $(TOKENIZER_SOURCE)) $(NOTEBOOKS)
 
 # The T4 lane on a bigger GPU: the colab profile's precision (fp16) under a 15 GiB cap.

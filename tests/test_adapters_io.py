@@ -167,6 +167,35 @@ def test_missing_weights_file_names_the_expected_file(tiny, tmp_path):
         check_adapter_compatible(tiny[0], saved.path)
 
 
+def test_damaged_adapter_files_name_the_file_and_the_fix(tiny, tmp_path):
+    saved = save_adapter(_peft_tiny(tiny), tmp_path / "adapter")
+    weights = saved.path / ADAPTER_WEIGHTS
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # a copy cut short: the header promises more bytes than there are
+    with pytest.raises(AdapterFilesError, match=r"adapter_model.safetensors is not a readable safetensors.*cut short"):
+        load_adapter(copy.deepcopy(tiny[0]), saved.path)
+    weights.write_bytes(whole)
+    fingerprint = saved.path / FINGERPRINT
+    fingerprint.write_text('{"model_type": "llama", ')
+    with pytest.raises(AdapterFilesError, match=r"base_model.json is not valid JSON.*delete it"):
+        load_adapter(copy.deepcopy(tiny[0]), saved.path)
+    fingerprint.write_text("[1, 2]")
+    with pytest.raises(AdapterFilesError, match=r"base_model.json holds a list"):
+        load_adapter(copy.deepcopy(tiny[0]), saved.path)
+    fingerprint.unlink()  # peft's own folders have no fingerprint: the shape check still runs
+    assert check_adapter_compatible(tiny[0], saved.path).tensors_checked == 8
+    config = saved.path / ADAPTER_CONFIG
+    config.write_text("{not json")
+    with pytest.raises(AdapterFilesError, match=r"adapter_config.json is not valid JSON.*save the adapter again"):
+        load_adapter(copy.deepcopy(tiny[0]), saved.path)
+    config.write_bytes(b'{"r": 4, "note": "\xff"}')
+    with pytest.raises(AdapterFilesError, match=r"adapter_config.json is not valid JSON"):
+        load_adapter(copy.deepcopy(tiny[0]), saved.path)
+    config.write_text('"a string"')
+    with pytest.raises(AdapterFilesError, match=r"holds a str"):
+        load_adapter(copy.deepcopy(tiny[0]), saved.path)
+
+
 def test_resized_vocabulary_must_be_resized_before_loading(tiny, tmp_path):
     from peft import get_peft_model
 

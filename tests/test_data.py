@@ -79,6 +79,10 @@ def test_load_task_names_the_problem(tmp_path):
         data.load_task("technical", "eval", root=tmp_path)
     with pytest.raises(data.TaskDataError, match="does not exist"):
         data.load_task("code", "train", root=tmp_path)
+    # a file saved in another encoding (latin-1 here): the line and byte, not a bare UnicodeDecodeError
+    (tmp_path / "technical" / "eval.jsonl").write_bytes(json.dumps(good[0]).encode() + b'\n{"note": "caf\xe9"}\n')
+    with pytest.raises(data.TaskDataError, match=r"eval.jsonl:2: not UTF-8 \(byte 0xe9.*save the file as UTF-8"):
+        data.load_task("technical", "eval", root=tmp_path)
 
 
 def test_tokenized_examples_train_only_on_the_answer(cpu_tokenizer):

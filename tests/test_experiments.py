@@ -81,6 +81,40 @@ def test_code_version_is_stable_and_hex():
     int(v, 16)
 
 
+def test_code_version_changes_with_the_data_and_the_library_versions(tmp_path, monkeypatch):
+    import importlib.metadata
+    import shutil
+
+    from lora_course import paths
+
+    v = ex.code_version()
+    shutil.copytree(paths.data_dir(), tmp_path / "data")
+    monkeypatch.setattr(paths, "data_dir", lambda: tmp_path / "data")
+    assert ex.code_version() == v, "the same bytes elsewhere: the same version"
+    f = tmp_path / "data" / "creative" / "train.jsonl"
+    f.write_bytes(f.read_bytes().replace(b"poem", b"poen", 1))
+    edited = ex.code_version()
+    assert edited != v, "an edited task file makes committed results stale"
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "0.0.1" if n == "peft" else real(n))
+    assert ex.code_version() not in (v, edited), "another peft makes committed results stale"
+
+
+def test_model_identity_hashes_the_weights_not_their_size(tmp_path, monkeypatch):
+    import shutil
+
+    from lora_course.models import tiny_model_dir
+
+    copy = tmp_path / tiny_model_dir().name
+    shutil.copytree(tiny_model_dir(), copy)
+    ident = ex.model_identity("tiny", str(copy))
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, one bit of one weight different
+    weights.write_bytes(bytes(data))
+    assert ex.model_identity("tiny", str(copy))["weights"] != ident["weights"]
+
+
 def test_model_identity_is_stable_and_path_free(tmp_path):
     ident = ex.model_identity("tiny")
     assert ident == ex.model_identity("tiny")

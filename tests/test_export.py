@@ -460,3 +460,25 @@ def test_split_disagreements_tells_near_ties_from_real_ones():
     assert broken["agree"] < good["agree"]
     wrong = split_disagreements(ref, np.roll(ref, 1, axis=-1))  # every position scored against another token
     assert wrong["agree"] < 0.1 * n and wrong["decisive"] < 0.5 * n
+
+
+def test_a_hub_id_is_resolved_to_its_cached_snapshot_for_the_converters(tiny_dir, tmp_path, monkeypatch):
+    """Colab's profiles load a hub id: the converters need files, so the id resolves to the hub cache's snapshot
+    (what from_pretrained downloaded); offline with nothing cached it is a clear error, not 'no config.json'."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert export.local_model_folder(tiny_dir) == tiny_dir
+    with pytest.raises(ExportError, match=r"'someone/some-model'.*load it once with from_pretrained"):
+        export.local_model_folder("someone/some-model")
+    with pytest.raises(ExportError, match="neither a local model folder nor a hub id"):
+        export.local_model_folder(tmp_path / "missing" / "folder")
+    # the hub cache's layout: refs/main names the commit, snapshots/<commit>/ holds the files
+    repo = tmp_path / "hub" / "models--someone--some-model"
+    snap = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_dir, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert export.local_model_folder("someone/some-model") == snap
+    out = to_gguf("someone/some-model", tmp_path / "hub-id-f32.gguf", outtype="f32")
+    assert gguf_tokenizer_summary(out) == gguf_tokenizer_summary(to_gguf(tiny_dir, tmp_path / "dir.gguf", "f32"))

@@ -224,6 +224,34 @@ def test_fp16_with_fp16_trainable_weights_fails_with_the_fix():
     hardware.check_scalable(list(torch.nn.Linear(4, 4).parameters()))
 
 
+def test_train_steps_fp16_loop_scales_the_loss_and_skips_overflowing_steps(lora_tiny):
+    """The plain loop as it runs on a T4 (``amp="auto"`` picks fp16 there; forced here on the CPU, which has fp16
+    autocast and a GradScaler too): it trains, and a step whose forward overflowed changes no weight."""
+    from lora_course.data import load_task
+    from lora_course.train import train_steps
+
+    model, tok = lora_tiny
+    examples = load_task("creative", "train")[:8]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in trainable.items()}
+    log = train_steps(model, tok, examples, steps=2, batch_size=2, lr=1e-3, amp="fp16")
+    assert len(log.losses) == 2 and all(torch.isfinite(torch.tensor(log.losses)))
+    assert any(not torch.equal(start[n], p) for n, p in trainable.items()), "the fp16 loop trained"
+    assert all(p.dtype == F32 and torch.isfinite(p).all() for p in trainable.values())
+    trained = {n: p.detach().clone() for n, p in trainable.items()}
+    # an fp16 overflow in the forward (what a T4 met without loss scaling): the scaler sees inf gradients and skips
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out * float("inf"))
+    try:
+        log = train_steps(model, tok, examples, steps=1, batch_size=2, lr=1e-3, amp="fp16")
+    finally:
+        hook.remove()
+    assert not all(torch.isfinite(torch.tensor(log.losses)))
+    assert all(torch.equal(trained[n], p) for n, p in trainable.items()), "an overflowing step must not be applied"
+    with pytest.raises(ValueError, match="fp32 trainable parameters"):
+        train_steps(model.half(), tok, examples, steps=1, batch_size=2,
+                    amp="fp16")
+
+
 def test_upcast_trainable_undoes_trls_bf16_cast(lora_tiny):
     from lora_course.sft import _fp16_ready
 
@@ -333,7 +361,7 @@ def test_lane_runs_every_notebook_under_the_emulation_and_reports(monkeypatch, t
     (model / "config.json").write_text("{}")
     seen = []
 
-    def fake_run(nb, out, params):
+    def fake_run(nb, out, params, environ):
         seen.append((nb.name, dict(params), __import__("os").environ.get(hardware.EMULATE_ENV)))
         return NotebookRun(nb.name, nb.name.startswith("00"), 1.5, {}, "" if nb.name.startswith("00") else "boom")
 
@@ -353,3 +381,50 @@ def test_lane_runs_every_notebook_under_the_emulation_and_reports(monkeypatch, t
     assert [(r["notebook"], r["status"]) for r in doc["notebooks"]] == [("00_a.ipynb", "ok"), ("05_b.ipynb", "FAILED")]
     assert doc["emulate"] == "t4" and doc["profile"] == "colab" and doc["dtype"] == "float16"
     assert (tmp_path / "out" / "course-report.md").is_file()
+
+
+def test_lane_in_groups_ends_as_one_report_and_runs_solo_notebooks_last_with_every_core(monkeypatch, tmp_path):
+    from lora_course import gpu_lane
+    from lora_course.course import NotebookRun
+
+    monkeypatch.setenv(hardware.EMULATE_ENV, "")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_lane, "_describe_lane", lambda env, model_id: {
+        "device": "H200", "gpus": 1, "dtype": "bfloat16", "capability": (9, 0), "memory_gib": 139.8,
+        "pretrained": True})
+    monkeypatch.setattr(gpu_lane.os, "cpu_count", lambda: 16)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    order = []
+
+    def fake_run(nb, out, params, environ):
+        order.append((nb.name, environ["OMP_NUM_THREADS"]))
+        return NotebookRun(nb.name, not nb.name.startswith("05"), 2.0, {"m": 1}, "" if nb.name[:2] != "05" else "x")
+
+    monkeypatch.setattr(gpu_lane, "run_notebook", fake_run)
+    nbs = {n: tmp_path / f"{n}.ipynb" for n in ("00_a", "05_b", "08_c", "09_d")}
+    for nb in nbs.values():
+        nb.write_text(json.dumps({"cells": []}))
+    out = tmp_path / "out"
+    common = ["--model-id", str(model), "--skip-tests", "--out", str(out)]
+    # group 1: two side by side (16 cores / 2 workers each), then 08 alone with all 16
+    assert gpu_lane.main([*common, "--workers", "2", "--solo", str(nbs["08_c"]),
+                          *map(str, (nbs["00_a"], nbs["05_b"], nbs["08_c"])) ]) == 1
+    assert sorted(order[:2]) == [("00_a.ipynb", "8"), ("05_b.ipynb", "8")] and order[2] == ("08_c.ipynb", "16")
+    # group 2 of the same lane: 09 joins the report; 05's failure stays in it and still fails the lane
+    assert gpu_lane.main([*common, str(nbs["09_d"])]) == 1
+    doc = json.loads((out / "gpu-lane.json").read_text())
+    assert [(r["notebook"], r["status"]) for r in doc["notebooks"]] == [
+        ("00_a.ipynb", "ok"), ("05_b.ipynb", "FAILED"), ("08_c.ipynb", "ok"), ("09_d.ipynb", "ok")]
+    assert doc["notebooks"][0]["metrics"] == {"m": 1} and doc["passed"] == 3
+    # 05 run again and passing: the lane passes as a whole
+    monkeypatch.setattr(gpu_lane, "run_notebook", lambda nb, out, params, environ: NotebookRun(nb.name, True, 1.0))
+    assert gpu_lane.main([*common, str(nbs["05_b"])]) == 0
+    # another lane's settings into the same folder start a fresh report
+    assert gpu_lane.main([*common, "--profile", "colab", str(nbs["00_a"])]) == 0
+    doc = json.loads((out / "gpu-lane.json").read_text())
+    assert [r["notebook"] for r in doc["notebooks"]] == ["00_a.ipynb"] and doc["profile"] == "colab"
+    with pytest.raises(SystemExit):
+        gpu_lane.main([*common, "--workers", "0", str(nbs["00_a"])])

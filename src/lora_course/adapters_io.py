@@ -190,16 +190,41 @@ def check_adapter_files(path: str | Path) -> dict[str, Any]:
             "; the save was interrupted or the file was deleted: save the adapter again"
         raise AdapterFilesError(f"{folder} has no weights file {ADAPTER_WEIGHTS}{extra}")
     try:
-        return json.loads(cfg_path.read_text())
-    except ValueError as e:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise AdapterFilesError(f"{cfg_path} is not valid JSON ({e}): save the adapter again") from e
+    if not isinstance(cfg, dict):
+        raise AdapterFilesError(f"{cfg_path} holds a {type(cfg).__name__}, not peft's config object: "
+                                "save the adapter again")
+    return cfg
 
 
 def _saved_shapes(path: Path) -> dict[str, list[int]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
-        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    weights = path / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except (SafetensorError, OSError) as e:  # a cut-off copy or download: the header promises more than the file has
+        raise AdapterFilesError(f"{weights} is not a readable safetensors file ({e}; {weights.stat().st_size:,} "
+                                "bytes): the save or copy was cut short, save or copy the adapter again") from e
+
+
+def _saved_fingerprint(folder: Path) -> dict[str, Any]:
+    """The adapter's ``base_model.json`` (``{}`` when absent: adapters saved by peft alone have none)."""
+    fp_path = folder / FINGERPRINT
+    if not fp_path.is_file():
+        return {}
+    try:
+        saved = json.loads(fp_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterFilesError(f"{fp_path} is not valid JSON ({e}): delete it to load without the base-model check, "
+                                "or save the adapter again") from e
+    if not isinstance(saved, dict):
+        raise AdapterFilesError(f"{fp_path} holds a {type(saved).__name__}, not the base model's fingerprint "
+                                "(a JSON object): delete it or save the adapter again")
+    return saved
 
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B",
@@ -299,8 +324,7 @@ def check_adapter_compatible(model: Any, path: str | Path) -> Compatibility:
     folder = Path(path).expanduser()
     cfg = check_adapter_files(folder)
     loaded = base_fingerprint(model)
-    saved_fp_path = folder / FINGERPRINT
-    saved = json.loads(saved_fp_path.read_text()) if saved_fp_path.is_file() else {}
+    saved = _saved_fingerprint(folder)
     saved.setdefault("name_or_path", cfg.get("base_model_name_or_path") or "")
     saved_name = cfg.get("base_model_name_or_path") or saved.get("name_or_path") or "<unknown base model>"
     shapes = _saved_shapes(folder)

@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             from .sft import import_unsloth
 
             import_unsloth()  # first: Unsloth patches transformers' classes as it is imported
-        rows = json.loads(Path(job["rows_file"]).read_text())
+        rows = json.loads(Path(job["rows_file"]).read_text(encoding="utf-8"))
         for i, cfg in enumerate(job["configs"]):
             if i:
                 import gc

@@ -32,8 +32,10 @@ class NotebookRun:
     skipped: str = ""  # why it did not run (e.g. the GPU lane on a machine with too few GPUs); "" when it ran
 
 
-def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None) -> NotebookRun:
-    """Execute ``path`` with papermill into ``out_dir`` (outputs kept there) and collect its metrics."""
+def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None,
+                 environ: dict[str, str] | None = None) -> NotebookRun:
+    """Execute ``path`` with papermill into ``out_dir`` (outputs kept there) and collect its metrics; ``environ``
+    adds to this process's environment for that notebook alone."""
     path = Path(path).resolve()
     out_dir = Path(out_dir).resolve()
     metrics_file = out_dir / "metrics" / f"{path.stem}.json"
@@ -43,12 +45,12 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = 
            "--kernel", "python3", "--log-output", "--no-progress-bar"]
     for k, v in (parameters or {}).items():
         cmd += ["-p", k, str(v)]
-    env = {**os.environ, METRICS_ENV: str(metrics_file)}
+    env = {**os.environ, **(environ or {}), METRICS_ENV: str(metrics_file)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
     (out_dir / f"{path.stem}.log").write_text(proc.stdout + proc.stderr)
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
     error = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
     return NotebookRun(path.name, proc.returncode == 0, seconds, metrics, error)
 

@@ -249,7 +249,14 @@ def load_task(name: str, split: str = "train", root: Path | None = None) -> list
     if not path.exists():
         raise TaskDataError(f"{path} does not exist: regenerate the task files with `make data`")
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw[: e.start].count(b"\n") + 1
+        raise TaskDataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}): save the file "
+                            "as UTF-8, or regenerate it with `make data`") from e
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -125,7 +125,7 @@ class RunResult:
         path = Path(output_dir) / RESULT_FILE
         if not path.exists():
             raise DistributedRunError(f"{path} was not written: the run did not finish (see its error above)")
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         data["ranks"] = [RankStats(**r) for r in data["ranks"]]
         return cls(**data)
 
@@ -489,7 +489,7 @@ def first_error(output_dir: str | Path) -> str | None:
     """The traceback of the rank that failed first (the others then only see their peer disappear)."""
     found = []
     for f in Path(output_dir).glob("error-rank*.txt"):
-        stamp, _, text = f.read_text().partition("\n")
+        stamp, _, text = f.read_text(encoding="utf-8").partition("\n")
         found.append((float(stamp), f.stem.removeprefix("error-"), text))
     if not found:
         return None

@@ -178,10 +178,19 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_sha(path: Path) -> str:
+    """sha256 of a file read in 16 MiB chunks (a model's weights: ~0.5 GB for the course's, about a second)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def model_identity(profile: str = "cpu", model_id: str | None = None) -> dict[str, Any]:
     """What identifies the base model of a sweep, without loading it and stable across machines.
 
-    A local folder: its name, its config.json's hash and its weight files' sizes, plus the source hash the course
+    A local folder: its name, its config.json's hash and its weight files' hashes, plus the source hash the course
     cache recorded when it built the folder (never a path or a timestamp). A hub id: the id.
     """
     from .models import resolve_source
@@ -193,25 +202,38 @@ def model_identity(profile: str = "cpu", model_id: str | None = None) -> dict[st
     ident: dict[str, Any] = {"name": path.name}
     if (path / "config.json").is_file():
         ident["config_sha256"] = _sha((path / "config.json").read_bytes())[:16]
-    ident["weights"] = {p.name: p.stat().st_size for p in sorted(path.glob("*.safetensors"))}
+    ident["weights"] = {p.name: _file_sha(p)[:16] for p in sorted(path.glob("*.safetensors"))}
     marker = path / "COMPLETE.json"
     if marker.is_file():
-        src = json.loads(marker.read_text()).get("source_head_sha256")
+        src = json.loads(marker.read_text(encoding="utf-8")).get("source_head_sha256")
         if src:
             ident["source_head_sha256"] = src
     return ident
 
 
+STACK: tuple[str, ...] = ("torch", "transformers", "peft", "bitsandbytes")  # the libraries a run's numbers depend on
+
+
 def code_version() -> str:
-    """12 hex digits hashing the source of the functions that decide a run's result, and ``EXPERIMENTS_VERSION``."""
-    from .data import collate, load_task, tokenize_example
+    """12 hex digits over everything besides the model that decides a run's result: ``EXPERIMENTS_VERSION``, the
+    source of the functions that build, train, measure and evaluate a run, the task data it reads (the files'
+    bytes), and the versions of the libraries that compute it (``STACK``)."""
+    from importlib.metadata import version
+
+    from . import memory
+    from .data import TASKS, collate, load_task, tokenize_example
+    from .paths import data_dir
     from .evaluate import evaluate_task, generate, perplexity, score
     from .train import train_steps
 
     funcs = (train_steps, tokenize_example, collate, load_task, evaluate_task, generate, perplexity, score,
-             build_model, run_one, RunConfig.resolved)
+             build_model, run_one, RunConfig.resolved, memory.load_for_method, memory.cpu_peak_start,
+             memory.cpu_peak_bytes)
+    data = {f"{t}/{split}": _sha((data_dir() / t / f"{split}.jsonl").read_bytes())[:16]
+            for t in TASKS for split in ("train", "eval") if (data_dir() / t / f"{split}.jsonl").is_file()}
     blob = json.dumps({"version": EXPERIMENTS_VERSION, "defaults": DEFAULT_LR, "targets": TARGET_SETS,
-                       "code": [_sha(inspect.getsource(f).encode()) for f in funcs]}, sort_keys=True)
+                       "code": [_sha(inspect.getsource(f).encode()) for f in funcs], "data": data,
+                       "stack": {name: version(name).split("+")[0] for name in STACK}}, sort_keys=True)
     return _sha(blob.encode())[:12]
 
 
@@ -380,7 +402,7 @@ def read_cached(key: str, root: Path | None = None) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        entry = json.loads(path.read_text())
+        entry = json.loads(path.read_text(encoding="utf-8"))
         ok = (isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("record"), dict)
               and entry.get("sha256") == _record_sha(entry["record"]))
     except (ValueError, OSError):
@@ -557,7 +579,7 @@ def load_results(path: Path, profile: str = "cpu", model_id: str | None = None) 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: produce it with `make sweep` (about an hour on 2 cores)")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ValueError(f"{path} is not valid JSON ({err}): re-create it with `make sweep`") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):

@@ -209,7 +209,7 @@ def _converter_env(conv: Path) -> dict[str, str]:
 def supported_architectures(conv: Path | None = None) -> set[str]:
     """The Hugging Face architectures the converter can convert (its ``TEXT_MODEL_MAP``, read without importing)."""
     conv = conv or fetch_converter()
-    tree = ast.parse((conv / "conversion" / "__init__.py").read_text())
+    tree = ast.parse((conv / "conversion" / "__init__.py").read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         target = node.target if isinstance(node, ast.AnnAssign) else (
             node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
@@ -254,7 +254,7 @@ def check_tokenizer_files(model_dir: Path) -> str:
                              "save the tokenizer with tokenizer.save_pretrained(model_dir)")
     if spm.exists():
         return "sentencepiece"
-    data = json.loads(tj.read_text())
+    data = json.loads(tj.read_text(encoding="utf-8"))
     model = data.get("model", {})
     decoder = data.get("decoder") or {}
     if model.get("type") == "BPE" and model.get("byte_fallback") and decoder.get("type") == "Sequence":
@@ -387,6 +387,31 @@ def merge_adapter(base: str | Path, adapter_dir: str | Path, out_dir: str | Path
 
 
 # ------------------------------------------------------------------------------------------- conversion
+def local_model_folder(model: str | Path) -> Path:
+    """The local transformers folder of ``model``: a folder as given, or a hub id's snapshot in the hub cache.
+
+    llama.cpp's converters read files, so a hub id (what the colab/kaggle profiles load, e.g.
+    ``HuggingFaceTB/SmolLM2-360M-Instruct``) is resolved to the snapshot ``from_pretrained`` already downloaded (or
+    downloads its config, tokenizer and weights when the hub is reachable).
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        raise ExportError(f"{name!r} is neither a local model folder nor a hub id (owner/name): give the folder "
+                          "that save_pretrained wrote")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                            "*.tiktoken"]))
+    except Exception as e:  # offline with nothing cached, a gated repo without a token, a typo in the id
+        raise ExportError(f"could not get the files of hub model {name!r} for the converter ({type(e).__name__}: "
+                          f"{e}): load it once with from_pretrained (it downloads to the hub cache), log in for a "
+                          "gated model, or give a local folder") from e
+
+
 def to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", overwrite: bool = False,
             timeout: float = 1800) -> Path:
     """Convert a transformers folder to GGUF with llama.cpp's own ``convert_hf_to_gguf.py``.
@@ -395,7 +420,7 @@ def to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", o
     tokenizer are checked first (clear errors instead of a converter traceback), the file is written to a
     temporary sibling, its stored tokenizer is checked again, then it is renamed into place.
     """
-    model_dir, out_path = Path(model_dir), Path(out_path)
+    model_dir, out_path = local_model_folder(model_dir), Path(out_path)
     if outtype not in CONVERTER_OUTTYPES:
         raise UnknownQuantizationError(f"outtype {outtype!r} is not one of the converter's "
                                        f"{', '.join(CONVERTER_OUTTYPES)}; for k-quants use quantize()")
@@ -403,7 +428,7 @@ def to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", o
     if not cfg_path.exists():
         raise ExportError(f"{model_dir} has no config.json: give a folder written by save_pretrained")
     conv = fetch_converter()
-    archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    archs = json.loads(cfg_path.read_text(encoding="utf-8")).get("architectures") or []
     supported = supported_architectures(conv)
     if not archs or archs[0] not in supported:
         raise UnsupportedArchitectureError(
@@ -428,7 +453,7 @@ def lora_to_gguf(adapter_dir: str | Path, base_dir: str | Path, out_path: str | 
     Why: llama.cpp applies it at load time (``Llama(model_path=base_gguf, lora_path=...)``), so one base file
     serves many adapters of a few MB each, without a merged copy of the whole model per adapter.
     """
-    adapter_dir, base_dir, out_path = Path(adapter_dir), Path(base_dir), Path(out_path)
+    adapter_dir, base_dir, out_path = Path(adapter_dir), local_model_folder(base_dir), Path(out_path)
     if not (adapter_dir / "adapter_config.json").exists():
         raise ExportError(f"{adapter_dir} has no adapter_config.json: give a peft save_pretrained folder")
     if not (base_dir / "config.json").exists():
@@ -1028,7 +1053,7 @@ def serve(gguf_path: str | Path, port: int | None = None, n_threads: int | None 
         while True:
             if proc.poll() is not None:
                 raise ExportError(f"llama_cpp.server exited with {proc.returncode}:\n"
-                                  f"{Path(log.name).read_text()[-2000:]}")
+                                  f"{Path(log.name).read_text(encoding='utf-8', errors='replace')[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
                     if r.status == 200:
@@ -1037,7 +1062,7 @@ def serve(gguf_path: str | Path, port: int | None = None, n_threads: int | None 
                 pass
             if time.monotonic() > deadline:
                 raise ExportError(f"llama_cpp.server did not answer within {startup_timeout:.0f} s:\n"
-                                  f"{Path(log.name).read_text()[-2000:]}")
+                                  f"{Path(log.name).read_text(encoding='utf-8', errors='replace')[-2000:]}")
             time.sleep(0.25)
         yield url
     finally:
@@ -1429,7 +1454,7 @@ def check_modelfile(modelfile: str | Path, tokenizer: Any,
     Also checks that every end-of-turn token has a ``PARAMETER stop``. ``.ok`` is True when all renderings are
     identical character for character.
     """
-    text = Path(modelfile).read_text() if isinstance(modelfile, Path) or (
+    text = Path(modelfile).read_text(encoding="utf-8") if isinstance(modelfile, Path) or (
         isinstance(modelfile, str) and "\n" not in modelfile and Path(modelfile).exists()) else str(modelfile)
     spec = parse_modelfile(text)
     if "TEMPLATE" not in spec:

@@ -19,7 +19,13 @@ kernels run on the real GPU (``lora_course.hardware``). With ``--profile colab``
 A notebook whose parameters cell has ``NUM_PROCESSES`` (chapter 8, one process per GPU) gets the machine's GPU count;
 on a machine of one GPU it is skipped, with the reason in the report (it needs two or more GPUs to show anything).
 Each notebook's status, wall time and recorded metrics go to ``<out>/gpu-lane.json`` and ``<out>/gpu-lane.md``
-(and ``<out>/course-report.md``), written again after every notebook so an interrupted lane keeps what ran.
+(and ``<out>/course-report.md``), written again after every notebook so an interrupted lane keeps what ran. A lane
+run again into the same ``<out>`` with the same settings (profile, emulation, model) keeps the rows of notebooks it
+does not run this time: a lane split into groups (a GPU machine lent in 10-minute commands) ends as one report.
+
+``--workers N`` runs N notebooks side by side (one GPU holds several small-model notebooks; each papermill process
+gets ``OMP_NUM_THREADS`` = cores / N unless set); ``--solo`` notebooks run after them, alone with every core
+(chapter 6 times llama.cpp on the CPU against transformers).
 """
 from __future__ import annotations
 
@@ -28,12 +34,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .course import NotebookRun, run_notebook, write_report
+from .course import NotebookRun, run_notebook, schedule, write_report
 from .hardware import EMULATE_ENV, EMULATIONS
 from .notebook import parameter_names
 
@@ -119,6 +127,32 @@ def write_lane_report(runs: list[NotebookRun], out: Path, lane: dict[str, Any]) 
     return jpath, mpath
 
 
+LANE_KEYS: tuple[str, ...] = ("profile", "emulate", "model_id")
+
+
+def previous_runs(out: Path, lane: dict[str, Any]) -> list[NotebookRun]:
+    """The rows an earlier run of the same lane (same profile, emulation and model) left in ``out``: kept, so a lane run
+    in groups ends as one report. A report of other settings is not mixed in: it is left for this run to replace."""
+    path = Path(out) / "gpu-lane.json"
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return []  # a report cut short is replaced, never merged
+    if any(doc.get(k) != lane.get(k) for k in LANE_KEYS):
+        return []
+    return [NotebookRun(r["notebook"], r["status"] != "FAILED", float(r["seconds"]), r.get("metrics", {}),
+                        r.get("error", ""), r.get("skipped", "")) for r in doc.get("notebooks", [])]
+
+
+def merge_runs(earlier: list[NotebookRun], runs: list[NotebookRun]) -> list[NotebookRun]:
+    """``earlier`` with each notebook run now replaced by its new row, sorted by notebook."""
+    rows = {r.notebook: r for r in earlier}
+    rows.update({r.notebook: r for r in runs})
+    return [rows[k] for k in sorted(rows)]
+
+
 def _describe_lane(env: dict[str, str], model_id: str) -> dict[str, Any]:
     """What the notebooks will decide from, asked in a child process with the lane's environment (the emulation's
     memory cap must not land on this process, which only starts notebooks)."""
@@ -130,7 +164,7 @@ def _describe_lane(env: dict[str, str], model_id: str) -> dict[str, Any]:
         raise RuntimeError(f"could not read the GPU with this environment:\n{proc.stderr[-2000:]}")
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     cfg = Path(model_id) / "config.json"
-    info["pretrained"] = not (cfg.is_file() and json.loads(cfg.read_text()).get("lora_course_random_init", False))
+    info["pretrained"] = not (cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("lora_course_random_init", False))
     return info
 
 
@@ -145,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--emulate", choices=sorted(EMULATIONS),
                    help=f"decide as on this GPU ({EMULATE_ENV}): t4 = compute capability 7.5, fp16, 15 GiB")
     p.add_argument("--skip-tests", action="store_true", help="run the notebooks only")
+    p.add_argument("--workers", type=int, default=1, help="notebooks run side by side on the GPU (default 1)")
+    p.add_argument("--solo", action="append", type=Path, default=[],
+                   help="a notebook run after the others, alone with every core (e.g. 08: llama.cpp's CPU speed); "
+                        "repeat for more")
     a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error(f"--workers {a.workers}: give 1 or more")
     import torch
 
     if not torch.cuda.is_available():
@@ -160,19 +200,36 @@ def main(argv: list[str] | None = None) -> int:
     lane = {"date": time.strftime("%Y-%m-%d %H:%M"), "profile": a.profile, "emulate": env.get(EMULATE_ENV) or None,
             "model_id": model_id, **_describe_lane(env, model_id)}
     print(f"GPU lane on {lane['device']} ({lane['dtype']}), profile {a.profile}, MODEL_ID={model_id}", flush=True)
+    earlier = previous_runs(a.out, lane)
     runs: list[NotebookRun] = []
-    for nb in sorted(a.notebooks):
+    lock = threading.Lock()
+    together, alone = schedule(sorted(a.notebooks), a.solo)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // a.workers))
+
+    def run(nb: Path, omp: str) -> NotebookRun:
         params = lane_parameters(nb, a.profile, model_id, lane["gpus"])
         if isinstance(params, str):
             r = NotebookRun(nb.name, True, 0.0, skipped=params)  # reported as SKIPPED, never as ok
             print(f"SKIPPED {r.notebook:39s} {params}", flush=True)
         else:
-            r = run_notebook(nb, a.out, params)  # papermill inherits os.environ: the lane's environment
+            # Unsloth compiles into ./unsloth_compiled_cache: one folder per notebook, so side-by-side notebooks (and
+            # lanes) never read each other's half-written files
+            extra = {"OMP_NUM_THREADS": omp, "UNSLOTH_COMPILE_LOCATION": os.environ.get(
+                "UNSLOTH_COMPILE_LOCATION", str((a.out / "unsloth_compiled_cache" / nb.stem).resolve()))}
+            r = run_notebook(nb, a.out, params, extra)  # and the lane's environment
             print(f"{'ok    ' if r.ok else 'FAILED'} {r.notebook:40s} {r.seconds:6.0f} s  {r.error}", flush=True)
-        runs.append(r)
-        write_lane_report(runs, a.out, lane)
+        with lock:  # workers finish in any order: one report write at a time
+            runs.append(r)
+            write_lane_report(merge_runs(earlier, runs), a.out, lane)
+        return r
+
+    with ThreadPoolExecutor(max_workers=a.workers) as pool:
+        list(pool.map(lambda nb: run(nb, threads), together))
+    for nb in alone:
+        run(nb, os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1))
+    runs = merge_runs(earlier, runs)
     print(f"report: {write_report(runs, a.out)}")
-    rc = 0 if all(r.ok for r in runs) else 1
+    rc = 0 if all(r.ok for r in runs) else 1  # an earlier group's failure still fails the lane
     if not a.skip_tests:
         t0 = time.perf_counter()
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], check=False,

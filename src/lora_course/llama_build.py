@@ -58,7 +58,7 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The CPU's feature flags (the ``flags`` line of /proc/cpuinfo); empty where there is none to read."""
     if cpuinfo is None:
         try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
         except OSError:
             return set()
     for line in cpuinfo.splitlines():
@@ -71,7 +71,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's model name (the ``model name`` line of /proc/cpuinfo); '' where there is none to read."""
     if cpuinfo is None:
         try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
         except OSError:
             return ""
     for line in cpuinfo.splitlines():

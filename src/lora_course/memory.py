@@ -77,6 +77,9 @@ class TrainingSetup:
     blocksize: int = 64
     upcast_non_quantized: bool = True  # peft's prepare_model_for_kbit_training casts non-4-bit params to fp32
     padded: bool = False  # an attention mask is passed: sdpa then repeats k/v to all heads (no GQA kernel)
+    # autocast's dtype where it differs from the weights': full fine-tuning on a T4 keeps fp32 master weights
+    # (dtype="fp32") and computes in fp16, so activations are fp16 and autocast holds an fp16 copy of every weight
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -91,6 +94,8 @@ class TrainingSetup:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZER_BYTES)}")
         if self.state_dtype is not None and self.state_dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown state_dtype {self.state_dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPE_BYTES:
+            raise ValueError(f"unknown compute_dtype {self.compute_dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
         if self.method != "full" and not self.targets:
             raise ValueError("LoRA needs at least one target module")
 
@@ -148,7 +153,7 @@ def activation_bytes(shape: ModelShape, setup: TrainingSetup, device: str = "cud
     h, i_size, hd = shape.hidden_size, shape.intermediate_size, shape.head_size
     q, kv = shape.num_heads * hd, shape.num_kv_heads * hd
     tokens = s.batch_size * s.seq_len
-    a = 4 if s.method == "qlora" and s.upcast_non_quantized else DTYPE_BYTES[s.dtype]
+    a = 4 if s.method == "qlora" and s.upcast_non_quantized else DTYPE_BYTES[s.compute_dtype or s.dtype]
     w = 4
     fp32_attention_on_cuda = device.startswith("cuda") and a == 4  # no flash kernel for fp32: GQA via math kernel
     kv_saved = q if (s.padded or fp32_attention_on_cuda) else kv
@@ -206,6 +211,9 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup, device: str = "cuda
         c[f"gradients ({s.dtype})"] = trainable * wb
         if s.master_weights:
             c["fp32 master weights"] = trainable * 4
+        if s.compute_dtype and s.compute_dtype != s.dtype:  # autocast's cached casts, kept for backward
+            c[f"autocast copies of the weights ({s.compute_dtype})"] = _linear_params(shape) * DTYPE_BYTES[
+                s.compute_dtype]
     else:
         trainable = shape.lora_params(s.targets, s.r)
         c["LoRA params (fp32)"] = trainable * 4
@@ -434,8 +442,8 @@ def load_for_method(method: str, profile: str, model_id: str | None, r: int = 16
         disable_cpu_repacking(model)  # float32 path on every CPU: no bf16 repack after an eval (nf4's docstring)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model, tok = load_base(profile, model_id)
+    else:  # mode: fp32 master weights for full fine-tuning where the GPU has no native bf16 (hardware.train_precision)
+        model, tok = load_base(profile, model_id, mode="full" if method == "full" else "lora")
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -490,6 +498,14 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
     batches = _batches(tok, task, batch_size, seq_len, steps, shape.vocab_size, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
+    from .hardware import amp_context, check_scalable, make_grad_scaler, train_precision
+
+    # fp16 GPUs (a T4): autocast + GradScaler as the trainers use there; bf16 GPUs and the CPU train as loaded
+    precision = train_precision(method, "cuda" if cuda else "cpu")
+    amp = precision.loop_amp
+    scaler = make_grad_scaler(amp, device.type)
+    if scaler is not None:
+        check_scalable(params)
     import gc
 
     gc.collect()
@@ -504,15 +520,20 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
     counted: dict[str, int] = {}
     losses, t0 = [], time.perf_counter()
     for i, b in enumerate(batches):
-        if i == 0 and not gradient_checkpointing:
-            with torch.autograd.graph.saved_tensors_hooks(*_saved_bytes_hooks(model, counted)):
+        with amp_context(amp, device.type):
+            if i == 0 and not gradient_checkpointing:
+                with torch.autograd.graph.saved_tensors_hooks(*_saved_bytes_hooks(model, counted)):
+                    loss = model(**{k: v.to(device) for k, v in b.items()}).loss
+            else:
                 loss = model(**{k: v.to(device) for k, v in b.items()}).loss
-        else:
-            loss = model(**{k: v.to(device) for k, v in b.items()}).loss
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         if i == 0:  # counted from the tensors themselves: no allocator, no timing
             counted["gradients"] = sum(_nbytes(p.grad) for p in params if p.grad is not None)
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
         if i == 0:
             counted["optimizer states"] = sum(_nbytes(t) for st in opt.state.values() for k, t in st.items()
                                               if k != "step" and torch.is_tensor(t))
@@ -524,11 +545,13 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
     measured = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(mark)
     from .hardware import native_bf16
 
-    # the dtype load_base chose: bf16 only with native bf16 (a T4's bf16 is emulated)
+    # the dtypes load_base chose: bf16 only with native bf16 (a T4's bf16 is emulated); full fine-tuning in fp16 keeps
+    # fp32 weights and computes in fp16 under autocast
     dtype = "fp32" if not cuda else ("bf16" if native_bf16() else "fp16")
-    setup = TrainingSetup(method, batch_size, seq_len, dtype, "adamw", gradient_checkpointing=gradient_checkpointing,
-                          r=r, targets=ALL_LINEAR,
-                          padded=task is not None)
+    weights_dtype = "fp32" if amp == "fp16" and method == "full" else dtype
+    setup = TrainingSetup(method, batch_size, seq_len, weights_dtype, "adamw", gradient_checkpointing=gradient_checkpointing,
+                          r=r, targets=ALL_LINEAR, padded=task is not None,
+                          compute_dtype=dtype if weights_dtype != dtype else None)
     est = estimate_memory(shape, setup, "cuda" if cuda else "cpu")
     estimated = {"gradients": sum(v for k, v in est.components.items() if "gradients" in k),
                  "optimizer states": sum(v for k, v in est.components.items() if k.startswith("optimizer states"))}

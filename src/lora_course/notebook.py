@@ -224,7 +224,7 @@ def parameter_names(path: Path) -> set[str]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------------ regeneration
@@ -242,13 +242,13 @@ def sync_notebook(path: Path) -> bool:
                          "(right after the title cell), then sync again")
     if setup[0]["cell_type"] != "code":
         raise ValueError(f"{path}: the cell tagged 'setup' is a {setup[0]['cell_type']} cell, not a code cell")
-    before = path.read_text()
+    before = path.read_text(encoding="utf-8")
     setup[0]["source"] = setup_cell_source(path.name)
     for key, want in json.loads(json.dumps(PLATFORM_METADATA)).items():
         meta = nb["metadata"]
         meta[key] = {**meta[key], **want} if isinstance(want, dict) and isinstance(meta.get(key), dict) else want
     write_notebook(path, nb)
-    return path.read_text() != before
+    return path.read_text(encoding="utf-8") != before
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,7 @@ def read_complete(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any] 
     if not marker.is_file():
         return None
     try:
-        record = json.loads(marker.read_text())
+        record = json.loads(marker.read_text(encoding="utf-8"))
     except ValueError:
         return None
     if not isinstance(record, dict) or record.get("files") != file_sizes(path):

@@ -174,7 +174,7 @@ def course_pins(repo_dir: str | Path) -> list[str]:
     """The course's ``name==version`` pins from the clone's constraints.txt, without the torch family."""
     path = Path(repo_dir) / "constraints.txt"
     pins = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line and _name(line) not in TORCH_FAMILY:
             pins.append(line)
@@ -235,7 +235,7 @@ def torchao_action(torch_version: str, torchao_version: str | None, gpu: bool) -
 
 def gpu_extra(repo_dir: str | Path) -> list[str]:
     """The requirements of the pyproject's ``gpu`` extra (unsloth, unsloth_zoo), read from the clone."""
-    text = (Path(repo_dir) / "pyproject.toml").read_text()
+    text = (Path(repo_dir) / "pyproject.toml").read_text(encoding="utf-8")
     try:
         import tomllib
     except ImportError:  # Python 3.10

@@ -32,7 +32,7 @@ def record_metric(name: str, value: Any) -> Any:
     if target:
         path = Path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.loads(path.read_text()) if path.exists() else {}
+        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         data[name] = value
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

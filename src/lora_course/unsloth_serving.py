@@ -66,7 +66,7 @@ def check(model_dir: str | Path, adapters: dict[str, str | Path] | None = None,
         if proc.returncode != 0:
             raise RuntimeError(f"the {phase} phase failed (exit {proc.returncode}); log {work / (phase + '.log')}:\n"
                                f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
-    return json.loads((work / "report.json").read_text())
+    return json.loads((work / "report.json").read_text(encoding="utf-8"))
 
 
 def verdict(rep: dict[str, Any], ratio: float = 0.1) -> dict[str, bool]:
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     a = p.parse_args(argv)
     if a.phase:
-        job = json.loads(Path(a.job).read_text())
+        job = json.loads(Path(a.job).read_text(encoding="utf-8"))
         (_plain if a.phase == "plain" else _unsloth)(job)
         return 0
     if a.model_dir is None:
