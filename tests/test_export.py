@@ -482,3 +482,39 @@ def test_a_hub_id_is_resolved_to_its_cached_snapshot_for_the_converters(tiny_dir
     assert export.local_model_folder("someone/some-model") == snap
     out = to_gguf("someone/some-model", tmp_path / "hub-id-f32.gguf", outtype="f32")
     assert gguf_tokenizer_summary(out) == gguf_tokenizer_summary(to_gguf(tiny_dir, tmp_path / "dir.gguf", "f32"))
+
+
+def test_served_model_answers_within_max_tokens_and_stops_with_the_block(tiny_gguf):
+    """export.serve + chat_completion: the OpenAI-compatible server answers a chat completion within max_tokens on
+    localhost, and is gone once the block ends (the port closed, a request refused)."""
+    import socket
+    import urllib.error
+
+    from lora_course.export import chat_completion, serve
+
+    messages = [{"role": "user", "content": "Convert 3 km to m."}]
+    with serve(tiny_gguf, n_threads=1, n_ctx=256) as url:
+        assert url.startswith("http://127.0.0.1:")
+        port = int(url.rsplit(":", 1)[1])
+        reply = chat_completion(url, messages, max_tokens=8)
+        choice = reply["choices"][0]
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] in ("stop", "length") and 0 < reply["usage"]["completion_tokens"] <= 8
+        assert reply["usage"]["prompt_tokens"] > len(messages[0]["content"].split())  # the template was applied
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the server still listens after the with block"
+    with pytest.raises(urllib.error.URLError):
+        chat_completion(url, messages, timeout=2)
+
+
+def test_evaluate_gguf_scores_the_files_own_greedy_replies(tiny_gguf, tiny_tok):
+    from lora_course.data import load_task, prompt_messages
+    from lora_course.evaluate import MAX_NEW_TOKENS, score
+    from lora_course.export import evaluate_gguf, gguf_chat, load_gguf
+
+    examples = load_task("technical", "eval")[:2]
+    llm = load_gguf(tiny_gguf)
+    result = evaluate_gguf(tiny_gguf, tiny_tok, "technical", examples, llm=llm)
+    replies = gguf_chat(llm, tiny_tok, [prompt_messages(ex) for ex in examples], MAX_NEW_TOKENS["technical"])
+    assert result.outputs == replies and result.task == "technical" and result.perplexity is None
+    assert result.metrics == score("technical", replies, examples)

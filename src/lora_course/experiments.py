@@ -222,8 +222,8 @@ def code_version() -> str:
 
     from . import memory
     from .data import TASKS, collate, load_task, tokenize_example
-    from .paths import data_dir
     from .evaluate import evaluate_task, generate, perplexity, score
+    from .paths import data_dir
     from .train import train_steps
 
     funcs = (train_steps, tokenize_example, collate, load_task, evaluate_task, generate, perplexity, score,
@@ -599,23 +599,6 @@ def load_results(path: Path, profile: str = "cpu", model_id: str | None = None) 
 def learned(record: dict[str, Any]) -> bool:
     """Whether a run's training loss ended below where it started (False: it diverged or did not move)."""
     return float(record["loss_last"]) < float(record["loss_first"])
-
-
-def summarize(records: Sequence[dict[str, Any]], by: Sequence[str], value: str = "metric") -> list[dict[str, Any]]:
-    """Mean, standard deviation (over seeds), min and max of ``value`` per group of configuration fields ``by``."""
-    import statistics
-
-    groups: dict[tuple[Any, ...], list[float]] = {}
-    for r in records:
-        key = tuple(r["config"][b] for b in by)
-        v = r[value] if value in r else r["metrics"].get(value)
-        if v is not None:
-            groups.setdefault(key, []).append(float(v))
-    out = []
-    for key, vals in groups.items():
-        out.append({**dict(zip(by, key)), "n": len(vals), "mean": statistics.fmean(vals),
-                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "min": min(vals), "max": max(vals)})
-    return out
 
 
 # ================================================================================================ analysis

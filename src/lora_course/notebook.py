@@ -4,8 +4,8 @@ Anatomy (DEVELOPERS.md): a title with learning objectives and Colab/Kaggle badge
 the course on Colab/Kaggle and does nothing locally; one cell tagged ``parameters`` for papermill; narrative and
 code; a closing code cell that asserts the measured outcome and records it with ``record_metric``.
 
-``header_cells`` generates the first two cells from ``paths.REPO_URL`` so that badges and setup cells follow
-the repository in one place; ``check_notebook`` lists everything a notebook gets wrong (empty list: fine).
+Badges and setup cells are generated from ``paths.REPO_URL``, so they follow the repository in one place;
+``check_notebook`` lists everything a notebook gets wrong (empty list: fine).
 The setup cell (``setup_cell_source(notebook)``, per notebook: 08 needs the export extra and Ollama) and the
 Colab/Kaggle GPU metadata (``PLATFORM_METADATA``) are generated here only: ``python -m lora_course.notebook --sync
 notebooks/*.ipynb`` rewrites them in every notebook, ``--check`` lists anatomy problems.
@@ -95,15 +95,6 @@ the model page asks you to accept a licence first, and downloads need a token of
 If loading fails, the error says which step is missing: no token in this runtime, a token the hub rejects, or a
 licence not accepted (yet) for this account.
 """
-
-
-def header_cells(notebook: str, title: str, objectives: list[str], intro: str = "") -> list[dict[str, Any]]:
-    """The title/objectives/badges markdown cell and the setup code cell for ``notebooks/<notebook>``."""
-    goals = "\n".join(f"- {o}" for o in objectives)
-    md = f"# {title}\n\n{badges_markdown(notebook)}\n\n**Learning objectives**\n\n{goals}\n"
-    if intro:
-        md += f"\n{intro}\n"
-    return [markdown_cell(md), code_cell(setup_cell_source(notebook), tags=["setup"])]
 
 
 def markdown_cell(source: str) -> dict[str, Any]:

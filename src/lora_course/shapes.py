@@ -11,7 +11,7 @@ SmolLM2-135M's 134,515,008; ``ModelShape.lora_params(targets, r)`` is ``layers Â
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,17 +102,5 @@ MODELS: dict[str, ModelShape] = {m.name: m for m in (LLAMA_3_1_8B, LLAMA_3_1_70B
                                                      SMOLLM2_135M)}
 
 
-def lora_table(models: Iterable[ModelShape] | None = None, r: int = 16,
-               target_sets: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
-    """One row per model and target set: total parameters, LoRA parameters at rank ``r``, and the percentage."""
-    target_sets = target_sets or {"q,v": ("q_proj", "v_proj"), "all linear": ALL_LINEAR}
-    rows = []
-    for m in models or MODELS.values():
-        for label, targets in target_sets.items():
-            rows.append({"model": m.name, "targets": label, "r": r, "total": m.total_params(),
-                         "lora": m.lora_params(targets, r), "percent": m.lora_percent(targets, r)})
-    return rows
-
-
 __all__ = ["ALL_LINEAR", "ATTENTION", "LLAMA_3_1_8B", "LLAMA_3_1_70B", "MISTRAL_7B", "MLP", "MODELS",
-           "QWEN2_5_7B", "SMOLLM2_135M", "ModelShape", "lora_table"]
+           "QWEN2_5_7B", "SMOLLM2_135M", "ModelShape"]
