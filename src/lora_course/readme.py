@@ -1,0 +1,135 @@
+"""README figures from the files that commands write: each generated block of README.md is rendered from results/.
+
+A block sits between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; ``BLOCKS`` says which file(s)
+each is rendered from and by which command they were written. ``python -m lora_course.readme --write`` rewrites the
+blocks from the files, ``--check`` lists every block that differs from its files (``tests/test_readme.py`` runs it,
+so a README figure that no longer matches its source fails the tests).
+
+    make bench                 -> results/bench-cpu.json       -> block bench-cpu
+    make test-gpu MODEL_ID=... -> results/gpu-lane-real-*.json  -> block gpu-lanes   (GPU_OUT's gpu-lane.json, copied)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# what a lane row shows of a notebook's recorded metrics (a metric the notebook did not record leaves the cell empty)
+LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "04_qlora": lambda m: (f"QLoRA answer perplexity {m['qlora_ppl_before']:.0f} -> {m['qlora_ppl_after']:.1f}; peak "
+                           f"MiB full/LoRA/QLoRA {m['full_peak_mib']}/{m['lora_peak_mib']}/{m['qlora_peak_mib']}"),
+    "05_sft_with_trl": lambda m: (f"creative form {m['sft_creative_primary_before']:.2f} -> "
+                                  f"{m['sft_creative_primary_after']:.2f}; answer perplexity {m['sft_ppl_before']:.0f}"
+                                  f" -> {m['sft_ppl_after']:.1f}"),
+    "06_unsloth_fast_sft": lambda m: f"answer perplexity {m['ppl_before']:.0f} -> {m['ppl_after']:.1f}",
+    "07_multi_adapter_hot_swap": lambda m: (f"creative form: creative adapter {m['matrix_creative_creative_form']:.2f}"
+                                            f", base {m['matrix___base___creative_form']:.2f}"),
+    "08_merge_and_export": lambda m: (f"Q8_0 KL {m['q8_0_mean_kl']:.4f}, decisive {m['q8_0_decisive_share']:.2f}; "
+                                      f"llama.cpp {m['llama_cpp_speedup']}x transformers"),
+}
+
+
+def _lane_row(row: dict[str, Any]) -> str:
+    stem = row["notebook"].removesuffix(".ipynb")
+    try:
+        shown = LANE_METRICS[stem](row.get("metrics", {})) if stem in LANE_METRICS else ""
+    except KeyError:
+        shown = ""
+    status = f"SKIPPED ({row['skipped']})" if row.get("skipped") else row["status"]
+    if row.get("error"):
+        shown = (shown + "; " if shown else "") + row["error"].replace("|", "/")[:160]
+    return f"| {stem} | {status} | {row['seconds']:.0f} | {shown} |"
+
+
+def render_gpu_lanes(root: Path = ROOT) -> str:
+    """One table per lane file ``results/gpu-lane-real-*.json``: every notebook's status, wall time, key metrics."""
+    files = sorted((root / "results").glob("gpu-lane-real-*.json"))
+    if not files:
+        raise FileNotFoundError(f"no results/gpu-lane-real-*.json under {root}: run `make test-gpu` on the real model "
+                                "and copy its gpu-lane.json there")
+    out = []
+    for f in files:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        what = (f"**{doc['device']}**, profile `{doc['profile']}`, emulation `{doc['emulate'] or 'none'}`, "
+                f"{doc['dtype']}, {'pretrained' if doc['pretrained'] else 'random-init'} model "
+                f"`{Path(doc['model_id']).name}` ({doc['date']}; [{f.name}](results/{f.name})): "
+                f"{doc['passed']} ok, {doc['failed']} failed, {doc['skipped']} skipped")
+        out += [what, "", "| notebook | status | s | measured |", "|---|---|---|---|"]
+        out += [_lane_row(r) for r in doc["notebooks"]]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_bench_cpu(root: Path = ROOT) -> str:
+    """``make bench``'s figures against their targets (results/bench-cpu.json)."""
+    doc = json.loads((root / "results" / "bench-cpu.json").read_text(encoding="utf-8"))
+    m = doc["machine"]
+    flags = ", ".join(k for k, v in m["flags"].items() if v) or "none of AVX2/AVX-512/AMX"
+    lines = [(f"`make bench` on {m['cpu']} ({m['cores']} cores; {flags}), {m['date']} "
+             f"([results/bench-cpu.json](results/bench-cpu.json)): {doc['met']} of {doc['total']} targets met."), "",
+             "| chapter | figure | measured | target | met |", "|---|---|---|---|---|"]
+    for f in doc["figures"]:
+        v = f["value"]
+        value = (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}") + ("x" if f["unit"] == "x" else f" {f['unit']}")
+        lines.append(f"| {f['chapter']} | {f['what']} | {value} | {f['target']} | {'yes' if f['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {"bench-cpu": render_bench_cpu, "gpu-lanes": render_gpu_lanes}
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)",
+                      re.DOTALL)
+
+
+def rendered(readme: str, root: Path = ROOT) -> str:
+    """``readme`` with every generated block rendered again from its files; a missing marker is an error."""
+    for name, render in BLOCKS.items():
+        pat = _pattern(name)
+        if not pat.search(readme):
+            raise ValueError(f"README.md has no block {name!r}: add '<!-- generated:{name} -->' and "
+                             f"'<!-- /generated:{name} -->' where it belongs, then run python -m lora_course.readme --write")
+        text = render(root)
+        readme = pat.sub(lambda m, t=text: m.group(1) + t + m.group(3), readme)
+    return readme
+
+
+def check(root: Path = ROOT) -> list[str]:
+    """The names of the README blocks that differ from what their files give (empty: the README is current)."""
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    fresh = rendered(readme, root)
+    return [name for name in BLOCKS
+            if _pattern(name).search(readme).group(2) != _pattern(name).search(fresh).group(2)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write", action="store_true", help="rewrite README.md's generated blocks from results/")
+    p.add_argument("--check", action="store_true", help="exit 1 naming the blocks that differ from their files")
+    a = p.parse_args(argv)
+    path = ROOT / "README.md"
+    if a.write:
+        text = rendered(path.read_text(encoding="utf-8"))
+        tmp = path.with_suffix(".md.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)  # whole or not at all
+        print(f"README.md: blocks {', '.join(BLOCKS)} rendered from results/")
+        return 0
+    stale = check()
+    if stale:
+        print(f"README.md blocks out of date with their files: {', '.join(stale)} "
+              "(python -m lora_course.readme --write)", file=sys.stderr)
+        return 1
+    print("README.md's generated blocks match results/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
