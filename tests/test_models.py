@@ -159,3 +159,16 @@ def test_load_base_mode_picks_the_training_dtype():
     assert next(full.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="mode must be 'inference', 'lora' or 'full'.*BitsAndBytesConfig"):
         models.load_base("tiny", mode="qlora")
+
+
+def test_a_tokenizer_without_chat_template_is_refused_at_load(tiny, tmp_path):
+    """A base model's tokenizer may lack a chat template: load_base says so and what to do, at load time."""
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(models.ChatTemplateError, match=r"no chat template.*-Instruct.*chat_template"):
+        models.load_base("tiny", str(tmp_path))

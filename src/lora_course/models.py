@@ -256,8 +256,22 @@ def resolve_source(profile: str = "auto", model_id: str | None = None) -> tuple[
     return profile, DEFAULT_MODEL_IDS[profile]
 
 
+class ChatTemplateError(ValueError):
+    """The tokenizer has no chat template, and every task of the course is a chat."""
+
+
 def prepare_tokenizer(tok: Any) -> Any:
-    """Give a tokenizer a pad token (its eos when it has none) and left padding, as batched generation needs."""
+    """Give a tokenizer a pad token (its eos when it has none) and left padding, as batched generation needs.
+
+    A tokenizer without a chat template is refused here, where the model is loaded, rather than at the first
+    ``apply_chat_template`` deep inside training or export (``ChatTemplateError`` says what to do).
+    """
+    if not getattr(tok, "chat_template", None):
+        name = getattr(tok, "name_or_path", "") or type(tok).__name__
+        raise ChatTemplateError(
+            f"the tokenizer of {name!r} has no chat template, and the course formats every task as a chat: use the "
+            "model's -Instruct version (e.g. HuggingFaceTB/SmolLM2-360M-Instruct), or set tokenizer.chat_template "
+            "to a Jinja template (the ChatML one of SmolLM2 fits most base models) before training")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
