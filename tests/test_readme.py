@@ -22,7 +22,7 @@ def test_a_changed_source_figure_is_caught(tmp_path):
     doc["figures"][0]["value"] *= 1.5  # what a new `make bench` would write
     bench.write_text(json.dumps(doc))
     assert readme.check(tmp_path) == ["bench-cpu"]
-    lane = sorted((tmp_path / "results").glob("gpu-lane-real-*.json"))[0]
+    lane = min((tmp_path / "results").glob("gpu-lane-real-*.json"))
     doc = json.loads(lane.read_text())
     doc["notebooks"][0]["seconds"] += 100
     lane.write_text(json.dumps(doc))
