@@ -233,3 +233,20 @@ def test_only_peft_models_save_adapters_and_only_plain_models_save_merged(tiny, 
     with torch.no_grad():
         torch.testing.assert_close(again(X).logits, want, atol=1e-4, rtol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_an_adapter_saved_in_bf16_loads_onto_an_fp16_base_as_fp32(tiny, tmp_path):
+    """Adapter dtype vs base dtype: an adapter trained on a bf16 GPU and loaded onto a T4's fp16 base is not a
+    problem to refuse: peft (autocast_adapter_dtype=True) upcasts the saved bf16 tensors to fp32, the dtype the
+    course trains adapters in, and the fp16 GradScaler needs."""
+    peft_model = _peft_tiny(tiny).to(torch.bfloat16)
+    saved = save_adapter(peft_model, tmp_path / "bf16-adapter")
+    from safetensors import safe_open
+
+    with safe_open(str(saved.path / ADAPTER_WEIGHTS), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+    loaded = load_adapter(copy.deepcopy(tiny[0]).half(), saved.path)
+    lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert lora and {p.dtype for p in lora.values()} == {torch.float32}
+    want = {n: p.float() for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert all(torch.equal(lora[n], want[n]) for n in lora), "bf16 -> fp32 is exact"
