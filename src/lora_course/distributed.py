@@ -250,7 +250,7 @@ def rank_state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
     """Bytes this rank holds in parameters (frozen / trainable), gradients and optimizer states: local shards only.
 
     Optimizer states are AdamW's two moments; its per-tensor ``step`` counters (one scalar per parameter tensor,
-    replicated on every rank) are left out, as chapter 3's estimator leaves them out.
+    replicated on every rank) are left out, as notebook 04's estimator leaves them out.
     """
     import torch
 

@@ -1,9 +1,9 @@
-"""Chapter 7's experiments on the real model: a cached, resumable sweep runner and the course's grids.
+"""Notebook 09's experiments on the real model: a cached, resumable sweep runner and the course's grids.
 
 Each *run* trains one configuration (a method, rank, target set, learning rate, steps, seed) on one task of the
 course data with ``train.train_steps``, then measures the task metric and answer perplexity on the held-out split
 (``evaluate.evaluate_task``), its trainable parameters, its peak memory and its time. Runs execute in fresh
-Python processes (so each peak memory is its own, measured as in chapter 3: the model's tensor bytes plus the rise
+Python processes (so each peak memory is its own, measured as in notebook 04: the model's tensor bytes plus the rise
 of peak RSS during training) and their records are cached on disk under a key that hashes
 
 - the resolved configuration,

@@ -990,7 +990,7 @@ def llama_cpp_check(timeout: float = 120.0, quants: Sequence[str] = PROBE_QUANTS
     rebuild = (f"rebuild it portably: `python src/lora_course/llama_build.py --install` in the course's clone "
                f"(tier {plan()['tier']} on this CPU, AMX off), then restart the kernel")
     if importlib.util.find_spec("llama_cpp") is None:
-        return {"ok": False, "detail": "llama-cpp-python is not installed (chapter 6 needs it)",
+        return {"ok": False, "detail": "llama-cpp-python is not installed (notebook 08 needs it)",
                 "fix": "install the export extra: `make setup` locally, or the setup cell of notebook 08 on "
                        "Colab/Kaggle", "system_info": "", "amx": False}
     paths = probe_ggufs(quants)

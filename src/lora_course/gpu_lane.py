@@ -16,7 +16,7 @@ kernels run on the real GPU (``lora_course.hardware``). With ``--profile colab``
     python -m lora_course.gpu_lane --model-id ~/.cache/lora-course/models/SmolLM2-135M-Instruct-Q4_1-v1 \\
         --profile colab --emulate t4 --out build-t4 notebooks/*.ipynb
 
-A notebook whose parameters cell has ``NUM_PROCESSES`` (chapter 8, one process per GPU) gets the machine's GPU count;
+A notebook whose parameters cell has ``NUM_PROCESSES`` (notebook 10, one process per GPU) gets the machine's GPU count;
 on a machine of one GPU it is skipped, with the reason in the report (it needs two or more GPUs to show anything).
 Each notebook's status, wall time and recorded metrics go to ``<out>/gpu-lane.json`` and ``<out>/gpu-lane.md``
 (and ``<out>/course-report.md``), written again after every notebook so an interrupted lane keeps what ran. A lane
@@ -25,7 +25,7 @@ does not run this time: a lane split into groups (a GPU machine lent in 10-minut
 
 ``--workers N`` runs N notebooks side by side (one GPU holds several small-model notebooks; each papermill process
 gets ``OMP_NUM_THREADS`` = cores / N unless set); ``--solo`` notebooks run after them, alone with every core
-(chapter 6 times llama.cpp on the CPU against transformers).
+(notebook 08 times llama.cpp on the CPU against transformers).
 """
 from __future__ import annotations
 

@@ -324,7 +324,7 @@ def single_device(args: Any) -> Any:
     distributed, and ``Trainer`` then wraps the model in ``nn.DataParallel`` (Kaggle's 2x T4: every step scatters
     the batch, replicates the model and gathers the outputs, and the per-device batch doubles). The course's
     single-GPU notebooks train on ``cuda:0``: ``args._n_gpu`` is set to 1 (what ``Trainer`` itself does for a model
-    split across GPUs). Distributed runs (accelerate/torchrun, chapter 8) already have ``n_gpu == 1``; untouched.
+    split across GPUs). Distributed runs (accelerate/torchrun, notebook 10) already have ``n_gpu == 1``; untouched.
     Setting ``CUDA_VISIBLE_DEVICES=0`` before torch starts does the same for the whole process.
     """
     import torch

@@ -3,7 +3,7 @@
 Implements the method of Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"
 (arXiv:2106.09685), and its rank-stabilised scaling rsLoRA (Kalajdzievski 2023, arXiv:2312.03732), following
 peft's ``src/peft/tuners/lora/layer.py`` (``LoraLayer.update_layer``, ``reset_lora_parameters``,
-``Linear.forward``/``merge``/``unmerge``/``get_delta_weight``) so that chapter 1's tests can compare the two
+``Linear.forward``/``merge``/``unmerge``/``get_delta_weight``) so that notebook 01's tests can compare the two
 layer by layer.
 
 A frozen weight ``W`` (out x in) gets a trainable update ``ΔW = scaling · B @ A`` with ``A`` (r x in) and ``B``

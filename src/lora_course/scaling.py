@@ -1,6 +1,6 @@
 """What each process holds and sends when a LoRA is trained on N processes: memory per rank and bytes per step.
 
-``estimate_memory_per_rank`` extends chapter 3's ``memory.estimate_memory`` with a world size. Under DDP every rank
+``estimate_memory_per_rank`` extends notebook 04's ``memory.estimate_memory`` with a world size. Under DDP every rank
 holds everything (plus DDP's gradient buckets, a second copy of the gradients it all-reduces); under FSDP each
 rank keeps 1/N of every parameter, gradient and optimizer state (each parameter's first dimension padded to a
 multiple of N), and a unit's full weights only while it computes. Activations belong to the per-process batch.
@@ -60,7 +60,7 @@ def estimate_memory_per_rank(shape: ModelShape, setup: TrainingSetup, world_size
                              device: str = "cuda") -> MemoryEstimate:
     """Bytes one rank holds at the peak of a step when ``world_size`` processes train ``shape`` together.
 
-    ``setup.batch_size`` is the per-process batch. DDP: chapter 3's estimate plus a gradient-sized bucket buffer
+    ``setup.batch_size`` is the per-process batch. DDP: notebook 04's estimate plus a gradient-sized bucket buffer
     (``gradient_as_bucket_view=False``, the default). FSDP: model state divided by the world size, plus the
     largest unit held whole while it computes.
     """

@@ -1,4 +1,4 @@
-"""Chapter 4's SFT recipe: one builder that picks the backend and the ``SFTConfig`` defaults for the hardware.
+"""Notebook 05's SFT recipe: one builder that picks the backend and the ``SFTConfig`` defaults for the hardware.
 
 Implements:
 

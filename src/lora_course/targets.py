@@ -1,6 +1,6 @@
 """Which layers LoRA adapts, how large the adapter is, and a checked ``LoraConfig``.
 
-Implements, for chapter 2 (peft):
+Implements, for notebook 02 (peft):
 
 - ``TARGETS_BY_ARCHITECTURE``: the attention and MLP projection names of common decoder families (Llama, Mistral,
   Qwen2/3, Gemma, Phi, GPT-2, Falcon, ...), and ``discover_targets``, which finds them in any model by grouping its
@@ -380,8 +380,10 @@ def recommend_lora_rank(task_complexity: str, dataset_size: int, model_size_b: f
        directions and a larger rank only fits noise; with 50,000+ examples a ``high`` task may double it (max 64).
     3. Model size lowers it: from 13B parameters the rank is halved (min 4), since larger models have a lower
        intrinsic dimension (Aghajanyan et al. 2020) and each rank unit costs more parameters on a wider layer.
-    4. ``lora_alpha = 2 * r``: scaling alpha/r stays 2 whatever r is, so changing r later does not change the
-       effective learning rate and the tuned learning rate still applies.
+    4. ``lora_alpha = 2 * r``: the common convention (scaling alpha/r = 2). It does not make a tuned learning rate
+       carry over to another r: with alpha/r fixed, each step's change to B A grows with r. Hu et al. keep alpha
+       fixed (scaling 1/r) so the rate need not be retuned; rsLoRA (Kalajdzievski 2023) shows alpha/sqrt(r) is the
+       scaling under which it transfers (``use_rslora=True``). Changing r with alpha = 2r: retune the rate.
     """
     if task_complexity not in _COMPLEXITY:
         raise ValueError(f"task_complexity={task_complexity!r}: choose low, medium or high "
@@ -410,7 +412,8 @@ def recommend_lora_rank(task_complexity: str, dataset_size: int, model_size_b: f
     else:
         reasons.append(f"{model_size_b:g}B-parameter model: no size adjustment (below 13B)")
     alpha = 2 * r
-    reasons.append(f"lora_alpha = 2 x r = {alpha}: scaling alpha/r = 2 keeps the learning rate valid if r changes")
+    reasons.append(f"lora_alpha = 2 x r = {alpha}: scaling alpha/r = 2, the common convention; if you change r, "
+                   "retune the learning rate (or use use_rslora=True, whose alpha/sqrt(r) lets it carry over)")
     return RankRecommendation(r, alpha, reasons)
 
 

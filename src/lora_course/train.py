@@ -1,8 +1,8 @@
 """Training loops the chapters share.
 
-``train_steps`` is the plain PyTorch loop (AdamW, assistant-only loss, fixed seed) that chapter 1's from-scratch
+``train_steps`` is the plain PyTorch loop (AdamW, assistant-only loss, fixed seed) that notebook 01's from-scratch
 LoRA and quick checks use; it trains whatever parameters have ``requires_grad`` set, so it serves a
-hand-made LoRA, a peft model or full fine-tuning alike. The SFT recipe builder of chapter 4 (``build_recipe``: TRL
+hand-made LoRA, a peft model or full fine-tuning alike. The SFT recipe builder of notebook 05 (``build_recipe``: TRL
 ``SFTConfig`` defaults by hardware, Unsloth or transformers + peft) lives in ``lora_course.sft`` and is re-exported here.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data import collate, tokenize_example
-from .sft import SFTRecipe, build_recipe, choose_backend  # chapter 4: the SFT recipe builder
+from .sft import SFTRecipe, build_recipe, choose_backend  # notebook 05: the SFT recipe builder
 
 __all__ = ["SFTRecipe", "TrainLog", "build_recipe", "choose_backend", "train_steps"]
 
