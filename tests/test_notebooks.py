@@ -100,3 +100,17 @@ def test_cross_references_name_existing_notebooks_with_one_numbering():
             if len(number) != 2 or number not in existing:
                 problems.append(f"{name}: '{m.group(0)}' ({text[max(0, m.start() - 40):m.end() + 20]!r})")
     assert not problems, "\n".join(problems)
+
+
+def test_each_notebook_ends_with_a_link_to_the_next():
+    import json
+    import re
+
+    for i, path in enumerate(NOTEBOOKS):
+        last = "".join(json.loads(path.read_text())["cells"][-1]["source"])
+        assert last.startswith("**Next:**"), f"{path.name} does not end with a **Next:** cell"
+        links = re.findall(r"\]\(([^)]+\.ipynb)\)", last)
+        if i + 1 < len(NOTEBOOKS):
+            assert links == [NOTEBOOKS[i + 1].name], (path.name, links)
+        else:
+            assert "README" in last and not links, last
