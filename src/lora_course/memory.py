@@ -543,15 +543,13 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
         torch.cuda.synchronize()
     sec = (time.perf_counter() - t0) / max(steps, 1)
     measured = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(mark)
-    from .hardware import native_bf16
-
-    # the dtypes load_base chose: bf16 only with native bf16 (a T4's bf16 is emulated); full fine-tuning in fp16 keeps
-    # fp32 weights and computes in fp16 under autocast
-    dtype = "fp32" if not cuda else ("bf16" if native_bf16() else "fp16")
-    weights_dtype = "fp32" if amp == "fp16" and method == "full" else dtype
+    # the estimate takes the dtypes the model was loaded and trained in, from the same rules (train_precision): full
+    # fine-tuning on a T4 keeps fp32 weights and computes in fp16 under autocast
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    weights_dtype, compute_dtype = name[precision.model_dtype], name[precision.compute_dtype]
     setup = TrainingSetup(method, batch_size, seq_len, weights_dtype, "adamw", gradient_checkpointing=gradient_checkpointing,
                           r=r, targets=ALL_LINEAR, padded=task is not None,
-                          compute_dtype=dtype if weights_dtype != dtype else None)
+                          compute_dtype=compute_dtype if compute_dtype != weights_dtype else None)
     est = estimate_memory(shape, setup, "cuda" if cuda else "cpu")
     estimated = {"gradients": sum(v for k, v in est.components.items() if "gradients" in k),
                  "optimizer states": sum(v for k, v in est.components.items() if k.startswith("optimizer states"))}
