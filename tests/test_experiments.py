@@ -305,3 +305,18 @@ def test_live_check_compares_the_files_own_records_and_flags_drift(tmp_path, mon
     with pytest.raises(LookupError, match="has no record for"):
         ex.live_check(ex.Results(tmp_path / "r.json", {"records": committed[1:] if len(committed) > 1 else []},
                                  False, []))
+
+
+@pytest.mark.parametrize("qlora_mib, upcast_mib, verdict", [
+    (600.0, 0.0, "supported"),                  # QLoRA below LoRA: the reference's order
+    (704.0, 54.0, "not at this model size"),    # the T4 lane at 135M: above LoRA by less than the fp32 upcast
+    (704.0, 0.0, "contradicted"),               # on a CPU (no upcast) any QLoRA peak above LoRA's contradicts
+    (760.0, 54.0, "contradicted"),              # above by more than the upcast: the 4-bit base saved nothing
+])
+def test_memory_claim_is_judged_against_the_upcast(qlora_mib, upcast_mib, verdict):
+    recs = []
+    for s in range(3):
+        for method, mib in (("full", 2697.0), ("lora", 688.0), ("qlora", qlora_mib)):
+            recs.append({**_rec(s, 0.5, method=method), "peak_mib": mib})
+    claims = {c["claim"]: c["verdict"] for c in ex.check_claims(recs, upcast_mib=upcast_mib)}
+    assert claims["Peak memory: full > LoRA > QLoRA"].startswith(verdict)

@@ -117,3 +117,18 @@ def test_adamw_states_take_the_dtype_of_what_they_update():
     assert master["optimizer states (adamw, fp32)"] == 8 * n
     lora = estimate_memory(LLAMA_3_1_8B, TrainingSetup("lora", dtype="bf16")).components
     assert lora["optimizer states (adamw, fp32)"] == 8 * LLAMA_3_1_8B.lora_params(TrainingSetup().targets, 16)
+
+
+def test_qlora_upcast_is_the_unquantized_weights_extra_bytes():
+    """SmolLM2-135M's shape: its tied 49152 x 576 embedding and 61 norm vectors stay unquantized; peft keeps them in
+    fp32, 2 bytes a weight more than a bf16/fp16 LoRA base, nothing more than an fp32 (CPU) one."""
+    from lora_course.memory import qlora_upcast_bytes
+    from lora_course.shapes import ModelShape
+
+    smol = ModelShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, tie_word_embeddings=True)
+    unquantized = 49152 * 576 + (2 * 30 + 1) * 576
+    assert qlora_upcast_bytes(smol, "bf16") == qlora_upcast_bytes(smol, "float16") == 2 * unquantized
+    assert qlora_upcast_bytes(smol, "float32") == 0
+    assert 50 < qlora_upcast_bytes(smol, "fp16") / 2**20 < 60   # the ~54 MiB the T4 lane's QLoRA paid
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        qlora_upcast_bytes(smol, "int8")

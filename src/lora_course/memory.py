@@ -141,6 +141,21 @@ def _linear_params(shape: ModelShape) -> int:
     return shape.num_layers * sum(a * b for a, b in shape.linear_shapes().values())
 
 
+def qlora_upcast_bytes(shape: ModelShape, compute_dtype: str) -> int:
+    """The bytes a QLoRA base holds beyond the compute dtype: peft's ``prepare_model_for_kbit_training`` keeps every
+    weight that is not 4-bit (the embeddings and lm_head, the norms) in fp32, where a LoRA base keeps them in
+    ``compute_dtype``. Zero in fp32 (the CPU).
+
+    At 135M parameters this is as large as what 4 bits save: SmolLM2's tied 49152 x 576 embedding is 21 % of its
+    weights, 54 MiB more in fp32 than in bf16/fp16, against ~150 MiB saved on its linear layers; measured on an H100
+    (2026-12-05, the experiments grid's batch), QLoRA peaked 61 MiB below LoRA in bf16 and 16 MiB above it in fp16
+    (the T4 lane, where autocast also copies the fp32 lm_head to fp16). At 1B+ the linear layers dominate.
+    """
+    if compute_dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {compute_dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    return (shape.total_params() - _linear_params(shape)) * (4 - DTYPE_BYTES[compute_dtype])
+
+
 def activation_bytes(shape: ModelShape, setup: TrainingSetup, device: str = "cuda") -> dict[str, int]:
     """Activation memory at the peak: tensors saved for backward, the loss's logits, one layer's recompute.
 
