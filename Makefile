@@ -73,8 +73,11 @@ notebooks: setup model
 	$(PY) -m pytest -q -n $(NB_WORKERS) --nbmake --nbmake-timeout=900 $(PARALLEL_NOTEBOOKS)
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 $(filter $(SOLO_NOTEBOOKS),$(NOTEBOOKS))
 
+# A run where every notebook passed becomes results/course-cpu.json: README's course-map figures
+# (`python -m lora_course.readme --write`).
 course: setup model
 	$(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS) --solo $(SOLO_NOTEBOOKS)
+	cp build/course-report.json results/course-cpu.json
 
 # Notebook 09: the experiment grid (rank, target modules, memory vs quality, LoRA's variants; 3 seeds) on the cpu model.
 # About an hour on 2 cores: run it in the background (`make sweep > sweep.log 2>&1 &`). Each run's record is cached,

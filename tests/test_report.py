@@ -42,6 +42,13 @@ def test_course_report_shows_skipped_notebooks_as_skipped(tmp_path):
     assert "| 00_a.ipynb | ok |" in text
     assert "| 10_b.ipynb | SKIPPED: needs 2 or more GPUs |" in text
     assert "| 11_c.ipynb | FAILED: AssertionError |" in text
+    import json
+
+    doc = json.loads((tmp_path / "course-report.json").read_text())  # what README's course-cpu block reads
+    assert [(r["notebook"], r["status"]) for r in doc["notebooks"]] == [
+        ("00_a.ipynb", "ok"), ("10_b.ipynb", "SKIPPED"), ("11_c.ipynb", "FAILED")]
+    assert (doc["passed"], doc["failed"], doc["skipped"]) == (1, 1, 1) and doc["notebooks"][0]["metrics"] == {"x": 1}
+    assert doc["machine"]["cores"] and "flags" in doc["machine"]
 
 
 def test_gpu_lane_gives_multi_process_notebooks_one_process_per_gpu():
@@ -56,3 +63,26 @@ def test_gpu_lane_gives_multi_process_notebooks_one_process_per_gpu():
     assert lane_parameters(nb10, "gpu", "m", 4) == {"PROFILE": "gpu", "MODEL_ID": "m", "NUM_PROCESSES": 4}
     assert "needs 2 or more GPUs" in lane_parameters(nb10, "gpu", "m", 1)
     assert lane_parameters(nb00, "gpu", "m", 1) == {"PROFILE": "gpu", "MODEL_ID": "m"}
+
+
+def test_write_text_atomic_leaves_the_old_file_whole_when_writing_fails(tmp_path, monkeypatch):
+    """The one atomic write every results/cache/report file goes through: a failure mid-write keeps the previous
+    content and leaves no temporary file behind."""
+    from lora_course.paths import write_text_atomic
+
+    target = tmp_path / "sub" / "r.json"
+    assert write_text_atomic(target, "old") == target and target.read_text() == "old"
+
+    from pathlib import Path
+
+    original = Path.write_text
+
+    def broken(self, text, encoding=None):
+        original(self, text[:2], encoding=encoding)  # half written, then the disk fills up
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", broken)
+    with pytest.raises(OSError, match="No space"):
+        write_text_atomic(target, "new content")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in target.parent.iterdir()] == ["r.json"]

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,21 @@ def write_report(runs: list[NotebookRun], out: Path) -> Path:
         lines += [f"- `{k}`: {v}" for k, v in sorted(r.metrics.items())] or ["(no metrics recorded)"]
     path = Path(out) / "course-report.md"
     path.write_text("\n".join(lines) + "\n")
+    write_report_json(runs, Path(out) / "course-report.json")
     return path
+
+
+def write_report_json(runs: list[NotebookRun], path: Path) -> Path:
+    """The same report as data, with the machine it ran on (``make course`` copies it to results/course-cpu.json,
+    which README's course-map figures are rendered from: ``python -m lora_course.readme``)."""
+    from .cpu_bench import machine_info
+    from .paths import write_text_atomic
+
+    doc = {"produced_by": "make course (python -m lora_course.course)", "machine": machine_info(),
+           "passed": sum(r.ok and not r.skipped for r in runs), "failed": sum(not r.ok for r in runs),
+           "skipped": sum(bool(r.skipped) for r in runs),
+           "notebooks": [{**asdict(r), "status": "SKIPPED" if r.skipped else "ok" if r.ok else "FAILED"} for r in runs]}
+    return write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
 def schedule(notebooks: list[Path], solo: list[Path]) -> tuple[list[Path], list[Path]]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .paths import data_dir
+from .paths import data_dir, write_text_atomic
 
 TASKS: tuple[str, ...] = ("technical", "creative", "code")
 SPLITS: tuple[str, ...] = ("train", "eval")
@@ -194,10 +194,7 @@ def write_tasks(root: Path) -> list[Path]:
     for task in TASKS:
         for split in SPLITS:
             path = Path(root) / task / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(ex, sort_keys=True) + "\n" for ex in generate_task(task, split)))
-            tmp.replace(path)
+            write_text_atomic(path, "".join(json.dumps(ex, sort_keys=True) + "\n" for ex in generate_task(task, split)))
             paths.append(path)
     return paths
 

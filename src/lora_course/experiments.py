@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .paths import cache_dir
+from .paths import cache_dir, write_text_atomic
 
 EXPERIMENTS_VERSION = 1
 """Bump when a change outside the hashed functions changes what a run measures."""
@@ -416,12 +416,8 @@ def read_cached(key: str, root: Path | None = None) -> dict[str, Any] | None:
 
 def write_cached(key: str, record: dict[str, Any], root: Path | None = None) -> Path:
     """Cache a run's record atomically (temporary file, then rename), with a checksum of its content."""
-    path = cache_path(key, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "sha256": _record_sha(record), "record": record}, indent=1))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(cache_path(key, root),
+                             json.dumps({"key": key, "sha256": _record_sha(record), "record": record}, indent=1))
 
 
 # ================================================================================================== sweeps
@@ -543,11 +539,7 @@ def write_results(result: SweepResult, path: Path, command: str) -> Path:
         "records": [{k: v for k, v in r.items() if k not in ("model", "code_version", "versions", "machine")}
                     | {"model_name": r.get("model", {}).get("name")} for r in result.records],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(doc, indent=1))
 
 
 # ============================================================================================ reading results

@@ -104,6 +104,21 @@ def read_complete(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any] 
     return record if all((Path(path) / r).exists() for r in required) else None
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all: a sibling temporary file (same file system, named by this
+    process) renamed over ``path``. A reader, or a process that was killed mid-write, never sees half a file; the
+    temporary file is removed if writing fails. Creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def publish_directory(final: Path, build: Callable[[Path], dict[str, Any] | None], info: dict[str, Any],
                       required: tuple[str, ...] = ()) -> tuple[dict[str, Any], bool]:
     """Build a cache directory once, safely among parallel processes: ``(marker record, built by this call)``.

@@ -30,13 +30,12 @@ def record_metric(name: str, value: Any) -> Any:
     print(f"[metric] {name} = {value}")
     target = os.environ.get(METRICS_ENV)
     if target:
+        from .paths import write_text_atomic
+
         path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         data[name] = value
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
     return value
 
 
