@@ -114,3 +114,36 @@ def test_each_notebook_ends_with_a_link_to_the_next():
             assert links == [NOTEBOOKS[i + 1].name], (path.name, links)
         else:
             assert "README" in last and not links, last
+
+
+def test_learner_path_rules_name_what_is_missing_or_misplaced():
+    """Exercises with self-checking collapsed solutions, a recap, then the collapsed closing check: each rule fires on
+    a notebook end that breaks it, and a well-formed end passes them."""
+    from lora_course.notebook import _learner_path_problems, code_cell, markdown_cell, new_notebook
+
+    hidden = {"jupyter": {"source_hidden": True}}
+
+    def cell(kind, src, tag=None):
+        c = markdown_cell(src) if kind == "md" else code_cell(src)
+        if tag:
+            c["metadata"] = {"tags": [tag], **hidden}
+        return c
+
+    def problems(cells):
+        import nbformat
+
+        return " | ".join(_learner_path_problems(nbformat.from_dict(new_notebook(cells)).cells))
+
+    good = [cell("md", "### Exercise 1 · warm-up: a"), cell("code", "assert 2 + 2 == 4", "solution"),
+            cell("md", "### Exercise 2 · core: b"), cell("code", "assert len('ab') == 2", "solution"),
+            cell("md", "## Recap"), cell("code", "# Recap\nprint('- x')"),
+            cell("md", "## Closing check"), cell("code", "assert True\nrecord_metric('x', 1)", "checks")]
+    assert problems(good) == ""
+    assert "2-3 '### Exercise'" in problems(good[2:])
+    unchecked = good[:1] + [cell("code", "print(4)", "solution")] + good[2:]
+    assert "exercise cell 0" in problems(unchecked)
+    visible = good[:-1] + [code_cell("assert True")]
+    assert "tagged 'checks'" in problems(visible)
+    assert "'## Recap'" in problems(good[:4] + good[6:])
+    reordered = good[4:6] + good[:4] + good[6:]
+    assert "order at the end" in problems(reordered)

@@ -194,6 +194,42 @@ def check_notebook(path: Path) -> list[str]:
     last = _src(code[-1]) if code else ""
     if "assert " not in last or "record_metric(" not in last:
         problems.append("the closing code cell must assert the measured outcome and record_metric it")
+    return problems + _learner_path_problems(cells)
+
+
+def _hidden_with_tag(cell: Any, tag: str) -> bool:
+    meta = cell.get("metadata", {})
+    return tag in meta.get("tags", []) and meta.get("jupyter", {}).get("source_hidden") is True
+
+
+def _learner_path_problems(cells: list[Any]) -> list[str]:
+    """The end of a notebook as a reader meets it: 2-3 exercises, each followed by its solution (a collapsed cell
+    tagged ``solution`` that checks itself), a ``## Recap`` printed from the run's variables, then the closing check
+    (asserts + record_metric) collapsed and tagged ``checks``, out of the reader's way."""
+    problems: list[str] = []
+
+    def heading(c: Any, prefix: str) -> bool:
+        return c.cell_type == "markdown" and _src(c).lstrip().startswith(prefix)
+
+    nxt = {i: cells[i + 1] if i + 1 < len(cells) else None for i in range(len(cells))}
+    exercises = [i for i, c in enumerate(cells) if heading(c, "### Exercise")]
+    if not 2 <= len(exercises) <= 3:
+        problems.append(f"needs 2-3 '### Exercise' markdown cells, found {len(exercises)}")
+    for i in exercises:
+        sol = nxt[i]
+        if sol is None or sol.cell_type != "code" or not _hidden_with_tag(sol, "solution") or "assert" not in _src(sol):
+            problems.append(f"exercise cell {i} must be followed by a code cell tagged 'solution', collapsed "
+                            "(metadata.jupyter.source_hidden), that asserts its answer")
+    recaps = [i for i, c in enumerate(cells) if heading(c, "## Recap")]
+    if len(recaps) != 1 or nxt[recaps[0]] is None or not _src(nxt[recaps[0]]).startswith("# Recap"):
+        problems.append("needs one '## Recap' markdown cell followed by a code cell starting '# Recap' that prints "
+                        "the run's measured numbers")
+    checks = [i for i, c in enumerate(cells) if heading(c, "## Closing check")]
+    if len(checks) != 1 or nxt[checks[0]] is None or not _hidden_with_tag(nxt[checks[0]], "checks"):
+        problems.append("needs one '## Closing check' markdown cell followed by the closing code cell tagged "
+                        "'checks' and collapsed (metadata.jupyter.source_hidden)")
+    elif recaps and exercises and not max(exercises) < recaps[0] < checks[0]:
+        problems.append("order at the end: exercises, then '## Recap', then '## Closing check'")
     return problems
 
 

@@ -7,6 +7,7 @@ so a README figure that no longer matches its source fails the tests).
 
     make bench                 -> results/bench-cpu.json       -> block bench-cpu
     make test-gpu MODEL_ID=... -> results/gpu-lane-real-*.json  -> block gpu-lanes   (GPU_OUT's gpu-lane.json, copied)
+    make course                -> results/course-cpu.json       -> block course-cpu
 """
 from __future__ import annotations
 
@@ -32,6 +33,23 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
                                             f", base {m['matrix___base___creative_form']:.2f}"),
     "08_merge_and_export": lambda m: (f"Q8_0 KL {m['q8_0_mean_kl']:.4f}, decisive {m['q8_0_decisive_share']:.2f}; "
                                       f"llama.cpp {m['llama_cpp_speedup']}x transformers"),
+    "00_setup_and_first_model": lambda m: f"{m['params_millions']}M parameters; reply: {m['reply'][:60]}",
+    "01_lora_from_scratch": lambda m: (f"creative form {m['creative_form_before']:.2f} -> {m['creative_form_after']:.2f};"
+                                       f" full fine-tune's dW: top-16 energy {m['full_ft_energy_top16']:.2f} "
+                                       f"(random {m['random_energy_top16']:.2f})"),
+    "02_peft_lora": lambda m: (f"creative form {m['creative_form_before']:.2f} -> {m['creative_form_after']:.2f}; "
+                               f"answer perplexity {m['perplexity_before']:.0f} -> {m['perplexity_after']:.1f}; adapter "
+                               f"{m['adapter_bytes'] / 2**20:.1f} MiB vs base {m['base_model_bytes'] / 2**20:.0f} MiB"),
+    "03_nf4_from_scratch": lambda m: (f"bit-exact with bitsandbytes: {m['bit_exact_with_bitsandbytes']}; MSE/var "
+                                      f"NF4/INT4/FP4 {m['nf4_mse_over_var_normal']}/{m['int4_mse_over_var_normal']}/"
+                                      f"{m['fp4_mse_over_var_normal']}; {m['bits_per_param_plain']} vs "
+                                      f"{m['bits_per_param_double_quant']} bits/param"),
+    "09_experiments": lambda m: (f"{m['runs']} runs; peak MiB full/LoRA/QLoRA {m['peak_mib_full']}/{m['peak_mib_lora']}"
+                                 f"/{m['peak_mib_qlora']}; exact: full {m['rank_full_metric']:.2f}, LoRA r=8 "
+                                 f"{m['rank_r8_metric']:.2f}"),
+    "10_scaling_out": lambda m: (f"{m['processes']} processes; DDP/FSDP vs one process: loss within "
+                                 f"{m['ddp_max_loss_diff_vs_one_process']:.0e}/{m['fsdp_max_loss_diff_vs_one_process']:.0e}"
+                                 f"; traffic measured/computed {m['ddp_measured_over_computed_traffic']}"),
 }
 
 
@@ -81,7 +99,23 @@ def render_bench_cpu(root: Path = ROOT) -> str:
     return "\n".join(lines) + "\n"
 
 
-BLOCKS: dict[str, Callable[[Path], str]] = {"bench-cpu": render_bench_cpu, "gpu-lanes": render_gpu_lanes}
+def render_course_cpu(root: Path = ROOT) -> str:
+    """``make course`` on a CPU (results/course-cpu.json): every notebook's status, wall time and key metrics."""
+    f = root / "results" / "course-cpu.json"
+    if not f.exists():
+        raise FileNotFoundError(f"no {f}: run `make course` (it copies build/course-report.json there)")
+    doc = json.loads(f.read_text(encoding="utf-8"))
+    m = doc["machine"]
+    flags = ", ".join(k for k, v in m["flags"].items() if v) or "none of AVX2/AVX-512/AMX"
+    lines = [(f"`make course` on {m['cpu']} ({m['cores']} cores; {flags}), {m['date']}, profile `cpu` "
+              f"([results/course-cpu.json](results/course-cpu.json)): {doc['passed']} ok, {doc['failed']} failed, "
+              f"{doc['skipped']} skipped."), "", "| notebook | status | s | measured |", "|---|---|---|---|"]
+    lines += [_lane_row(r) for r in doc["notebooks"]]
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {"bench-cpu": render_bench_cpu, "gpu-lanes": render_gpu_lanes,
+                                            "course-cpu": render_course_cpu}
 
 
 def _pattern(name: str) -> re.Pattern[str]:
@@ -116,10 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     path = ROOT / "README.md"
     if a.write:
-        text = rendered(path.read_text(encoding="utf-8"))
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)  # whole or not at all
+        from .paths import write_text_atomic
+
+        write_text_atomic(path, rendered(path.read_text(encoding="utf-8")))
         print(f"README.md: blocks {', '.join(BLOCKS)} rendered from results/")
         return 0
     stale = check()
