@@ -19,11 +19,15 @@ export MPLBACKEND ?= Agg
 NB_WORKERS ?= 2
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: setup test unit notebooks course lab model data lint clean-build help test-gpu test-gpu-t4 bench bench-gpu sweep
+.PHONY: setup test unit notebooks course site site-check lab model data lint clean-build help test-gpu test-gpu-t4 bench \
+	bench-gpu sweep
 
 help:
-	@echo "make test    - create .venv, install the pinned stack, run unit tests and every notebook (CPU profile)"
+	@echo "make test    - create .venv, install the pinned stack, run the unit tests, execute every notebook (CPU profile,"
+	@echo "               papermill, outputs kept in build/), build the site from them and check it in headless Chromium"
 	@echo "make course  - same set-up, execute every notebook with papermill into build/ and write build/course-report.md"
+	@echo "make site    - the executed notebooks in build/ as a static website: build/site/index.html"
+	@echo "make site-check - make site, then open every page in headless Chromium; screenshots in build/site-shots/"
 	@echo "make lab     - start JupyterLab on the notebooks"
 	@echo "make test-gpu - (GPU machine) every notebook in the GPU profile on a locally built ~1B Llama"
 	@echo "make bench   - CPU speed figures against their targets (serial, warm-up, repeats): results/bench-cpu.json"
@@ -62,9 +66,23 @@ model: setup
 SOLO_NOTEBOOKS := notebooks/04_qlora.ipynb notebooks/08_merge_and_export.ipynb
 PARALLEL_NOTEBOOKS := $(filter-out $(SOLO_NOTEBOOKS),$(NOTEBOOKS))
 
+# Every notebook runs once, with papermill, keeping its outputs in build/ (the course runner: two at a time, then the
+# solo ones); the site is built from those executed notebooks and checked in headless Chromium. MPLBACKEND is unset
+# for the notebooks: with the Agg exported above for the unit tests, plt.show() draws nothing into a notebook and the
+# executed notebooks (and the site) have no figures; unset, ipykernel selects its inline backend, as in JupyterLab.
+COURSE_RUN = env -u MPLBACKEND $(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS) \
+	--solo $(SOLO_NOTEBOOKS)
+SITE_BUILD = $(PY) -m lora_course.site --build build --out build/site
+SITE_CHECK = $(PY) scripts/site_check.py --site build/site --build build --shots build/site-shots
+
+# Each step runs even when one before it failed (a failing unit test still lets every notebook report); the target
+# fails when any did.
 test: setup model
-	$(PY) -m pytest -q -n $(NB_WORKERS) --dist loadfile --durations=15 tests $(PARALLEL_NOTEBOOKS) --nbmake --nbmake-timeout=900
-	$(PY) -m pytest -q $(filter $(SOLO_NOTEBOOKS),$(NOTEBOOKS)) --nbmake --nbmake-timeout=900
+	@status=0; \
+	$(PY) -m pytest -q -n $(NB_WORKERS) --dist loadfile --durations=15 tests || status=1; \
+	$(COURSE_RUN) || status=1; \
+	{ $(SITE_BUILD) && $(SITE_CHECK); } || status=1; \
+	exit $$status
 
 unit: setup
 	$(PY) -m pytest -q -n $(NB_WORKERS) tests
@@ -76,8 +94,17 @@ notebooks: setup model
 # A run where every notebook passed becomes results/course-cpu.json: README's course-map figures
 # (`python -m lora_course.readme --write`).
 course: setup model
-	$(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS) --solo $(SOLO_NOTEBOOKS)
+	$(COURSE_RUN)
 	cp build/course-report.json results/course-cpu.json
+
+# The executed course (build/ from `make course` or `make test`) as a static website, built offline (nbconvert with the
+# course's template: lora_course.site); open build/site/index.html. site-check opens every page in Debian's Chromium
+# (/usr/bin/chromium, `apt-get install -y chromium`) through Playwright and writes one screenshot per page.
+site: setup
+	$(SITE_BUILD)
+
+site-check: site
+	$(SITE_CHECK)
 
 # Notebook 09: the experiment grid (rank, target modules, memory vs quality, LoRA's variants; 3 seeds) on the cpu model.
 # About an hour on 2 cores: run it in the background (`make sweep > sweep.log 2>&1 &`). Each run's record is cached,

@@ -294,3 +294,40 @@ def test_one_failing_rank_ends_every_rank_with_its_error(tmp_path):
     assert p.returncode != 0
     assert "injected failure on rank 1" in first_error(tmp_path / "cli")
     assert not (tmp_path / "cli" / "result.json").exists()
+
+
+def test_run_with_failing_rank_injects_the_failure_and_returns_the_error(monkeypatch):
+    """The helper behind notebook 10's failure demo: it makes the last rank (or the one named) fail at the step
+    given, returns the launcher's error text and the time, None when nothing failed, and refuses a rank that the
+    run does not have before launching anything."""
+    from lora_course import distributed
+
+    seen = []
+
+    def fake_launch(cfg):
+        seen.append(cfg)
+        if cfg.fail_rank is not None and "ok" not in cfg.task:
+            raise distributed.DistributedRunError(f"First failure, rank{cfg.fail_rank}:\ninjected failure")
+
+    monkeypatch.setattr(distributed, "launch", fake_launch)
+    error, seconds = distributed.run_with_failing_rank(RunConfig("fsdp", 2, per_device_batch=1))
+    assert error.startswith("First failure, rank1:") and seen[-1].fail_rank == 1 and seen[-1].fail_step == 1
+    assert 0 <= seconds < 5
+    error, _ = distributed.run_with_failing_rank(RunConfig("ddp", 3), fail_rank=0, fail_step=2)
+    assert "rank0:" in error and (seen[-1].fail_rank, seen[-1].fail_step, seen[-1].num_processes) == (0, 2, 3)
+    assert distributed.run_with_failing_rank(RunConfig("ddp", 2, task="ok"))[0] is None
+    n = len(seen)
+    with pytest.raises(DistributedConfigError, match="fail_rank=2 is not a rank of a 2-process run"):
+        distributed.run_with_failing_rank(RunConfig("ddp", 2), fail_rank=2)
+    assert len(seen) == n, "nothing is launched for a bad rank"
+
+
+def test_fork_safe_cuda_check_sets_nvml_and_keeps_a_choice_already_made(monkeypatch):
+    from lora_course import distributed
+
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    distributed.fork_safe_cuda_check()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "0")
+    distributed.fork_safe_cuda_check()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"

@@ -1,4 +1,4 @@
-"""Chapter 7's sweep runner: configurations, cache keys, the on-disk cache, resuming, staleness, and the analysis."""
+"""Notebook 09's sweep runner: configurations, cache keys, the on-disk cache, resuming, staleness, and the analysis."""
 from __future__ import annotations
 
 import json
@@ -203,6 +203,47 @@ def test_results_from_another_model_or_code_are_stale(tmp_path):
     assert other_model.stale and "model" in other_model.reasons[0]
     other_code = ex.load_results(_doc(tmp_path, code_version="000000000000"), profile="tiny")
     assert other_code.stale and "code version" in other_code.reasons[0]
+
+
+def test_check_provenance_reads_a_file_and_says_whether_it_describes_this_checkout(tmp_path, capsys):
+    """check_provenance (notebook 09's first cell) prints where the results came from and, for a file made by other
+    code or another model, STALE with every reason; a fresh file is not stale."""
+    fresh = ex.check_provenance("tiny", results_path=_doc(tmp_path, produced_by="make sweep", date="2026-12-01"))
+    out = capsys.readouterr().out
+    assert not fresh.stale and fresh.reasons == []
+    assert "produced by: make sweep  on 2026-12-01" in out and f"this checkout: {ex.code_version()}" in out
+    assert "STALE" not in out and "reproduce: make sweep" in out
+    stale = ex.check_provenance("tiny", results_path=_doc(tmp_path, code_version="000000000000",
+                                                          model={"name": "SmolLM2-360M"}))
+    out = capsys.readouterr().out
+    assert stale.stale and len(stale.reasons) == 2
+    assert "STALE" in out and "made by code version 000000000000" in out and "SmolLM2-360M" in out
+    ex.check_provenance("tiny", results_path=_doc(tmp_path), quiet=True)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(FileNotFoundError, match="make sweep"):
+        ex.check_provenance("tiny", results_path=tmp_path / "nope.json")
+
+
+def test_check_provenance_runs_the_grid_live_without_committed_results(tmp_path, monkeypatch, capsys):
+    """Off the cpu profile without a file, the grid runs live (a stand-in run_sweep here), is written under out_dir
+    and read back as describing this checkout; a failed live run raises rather than drawing a partial grid."""
+    seen = {}
+
+    def fake_sweep(configs, profile, model_id, workers=2):
+        seen.update(n=len(configs), profile=profile, workers=workers, steps={c.steps for c in configs})
+        recs = [{"config": asdict(c), "label": c.label, "model": ex.model_identity("tiny"),
+                 "code_version": ex.code_version()} for c in configs]
+        return ex.SweepResult(recs, len(recs), 0, seen.get("failed", []), 1.0)
+
+    monkeypatch.setattr(ex, "run_sweep", fake_sweep)
+    res = ex.check_provenance("tiny", live_seeds=[0], live_steps=2, workers=3, out_dir=tmp_path)
+    assert res.path == tmp_path / "experiments-tiny.json" and res.path.is_file()
+    assert not res.stale and len(res.records) == seen["n"] == len(ex.full_grid(seeds=[0]))
+    assert seen["profile"] == "tiny" and seen["workers"] == 3 and 2 in seen["steps"]
+    assert "running" in capsys.readouterr().out
+    seen["failed"] = ["lora r=8 s0: exit 1"]
+    with pytest.raises(ex.RunFailedError, match="lora r=8 s0: exit 1"):
+        ex.check_provenance("tiny", out_dir=tmp_path)
 
 
 def test_missing_or_malformed_results_file(tmp_path):

@@ -132,3 +132,41 @@ def test_qlora_upcast_is_the_unquantized_weights_extra_bytes():
     assert 50 < qlora_upcast_bytes(smol, "fp16") / 2**20 < 60   # the ~54 MiB the T4 lane's QLoRA paid
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         qlora_upcast_bytes(smol, "int8")
+
+
+def test_peak_measurements_run_one_at_a_time_in_the_background(monkeypatch):
+    """PeakMeasurements (notebook 04's first cell) hands each method its own rate and the shared keywords, never runs
+    two measurements at once (their peaks would overlap), returns them in order, and re-raises a failure."""
+    import threading
+    import time
+
+    from lora_course import memory
+
+    calls, active, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def fake(method, profile, model_id, **kw):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        calls.append((method, profile, model_id, kw))
+        if method == "qlora" and kw.get("fail"):
+            raise RuntimeError("measurement of qlora failed (exit 1)")
+        return method
+
+    monkeypatch.setattr(memory, "measure_peak", fake)
+    pending = memory.PeakMeasurements(("full", "lora", "qlora"), "tiny", None,
+                                      lr={"full": 5e-5, "lora": 2e-3, "qlora": 2e-3}, steps=2, seed=0)
+    assert pending.results() == {"full": "full", "lora": "lora", "qlora": "qlora"}
+    assert most[0] == 1 and [c[0] for c in calls] == ["full", "lora", "qlora"]
+    assert [c[3]["lr"] for c in calls] == [5e-5, 2e-3, 2e-3] and all(c[3]["steps"] == 2 for c in calls)
+    assert all(c[1:3] == ("tiny", None) for c in calls)
+    with pytest.raises(RuntimeError, match="qlora failed"):
+        memory.PeakMeasurements(["lora", "qlora"], "tiny", lr=1e-3, fail=True).results()
+    with pytest.raises(ValueError, match="one rate per method"):
+        memory.PeakMeasurements(["lora", "qlora"], lr={"lora": 1e-3})
+    with pytest.raises(ValueError, match="at most once"):
+        memory.PeakMeasurements(["lora", "dora"])

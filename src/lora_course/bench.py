@@ -475,6 +475,21 @@ def run_grouped(configs: list[BenchConfig], source: str, rows_file: str, seed: i
     return [done[c.name] for c in configs]
 
 
+def run_side_by_side(configs: list[BenchConfig], source: str, rows: list[dict[str, list[int]]], cuda: bool,
+                     seed: int = 0) -> list[BenchResult]:
+    """Notebook 06's benchmark, results in ``configs``' order. ``cuda``: each backend's recipes in one fresh process
+    (``run_grouped``: Unsloth's patches and the memory peaks stay inside it), the rows handed over in a temporary
+    JSON file that is removed afterwards. CPU: each recipe in this process (``run_config``)."""
+    if not cuda:
+        return [run_config(c, source, rows, seed=seed) for c in configs]
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-rows-") as folder:
+        rows_file = Path(folder) / "rows.json"
+        rows_file.write_text(json.dumps(rows), encoding="utf-8")
+        return run_grouped(configs, source, str(rows_file), seed=seed)
+
+
 def make_rows(tokenizer: Any, config: BenchConfig, median: int, sigma: float = 0.6, seed: int = 0,
               spare: float = 2.0) -> list[dict[str, list[int]]]:
     """Enough conversations for ``config`` (``spare`` times the rows its steps consume, for packing)."""

@@ -131,6 +131,16 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------- checks
+def fork_safe_cuda_check() -> None:
+    """Let this process ask whether CUDA is there without initialising it, so it can still fork GPU processes.
+
+    ``notebook_launcher`` forks the notebook's kernel; a child forked after the parent initialised the CUDA driver
+    cannot use CUDA. With ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (kept if already set) ``torch.cuda.is_available()``
+    counts the GPUs through NVML instead (``torch.cuda.device_count()`` does so anyway). ``launch`` calls it too.
+    """
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+
 def check_devices(num_processes: int, device: str | None = None, available: int | None = None) -> None:
     """Refuse more processes than GPUs: each process owns one GPU (two processes on one GPU only contend)."""
     import torch
@@ -504,6 +514,7 @@ def launch(cfg: RunConfig) -> RunResult:
     imports bitsandbytes (peft imports it): accelerate refuses otherwise. If any rank fails, every rank is stopped
     and ``DistributedRunError`` carries the failing rank's own traceback.
     """
+    fork_safe_cuda_check()
     check_devices(cfg.num_processes)
     cfg = replace(cfg, output_dir=cfg.output_dir or tempfile.mkdtemp(prefix=f"lora-{cfg.strategy}-"))
     if cfg.num_processes == 1:
@@ -518,6 +529,24 @@ def launch(cfg: RunConfig) -> RunResult:
         raise DistributedRunError(f"the {cfg.strategy} run on {cfg.num_processes} processes failed and every rank "
                                   f"was stopped. First failure, {cause}") from None
     return RunResult.load(cfg.output_dir)
+
+
+def run_with_failing_rank(cfg: RunConfig, fail_rank: int | None = None, fail_step: int = 1) -> tuple[str | None, float]:
+    """Launch ``cfg`` with one rank made to raise at ``fail_step`` (default: the last rank) and time the launch.
+
+    Returns ``(error, seconds)``: the ``DistributedRunError`` text (the first failure: that rank's own traceback),
+    or ``None`` if the run did not fail, and the seconds until every rank had stopped (the launcher's elastic agent
+    stops all of them as soon as one exits with an error). Notebook 10 shows with it that no rank hangs.
+    """
+    fail_rank = cfg.num_processes - 1 if fail_rank is None else fail_rank
+    cfg = replace(cfg, fail_rank=fail_rank, fail_step=fail_step)  # a rank the run does not have is refused here
+    t0 = time.perf_counter()
+    try:
+        launch(cfg)
+        error = None
+    except DistributedRunError as e:
+        error = str(e)
+    return error, time.perf_counter() - t0
 
 
 def _parser() -> argparse.ArgumentParser:

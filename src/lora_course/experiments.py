@@ -888,6 +888,59 @@ def default_results_path() -> Path:
     return Path(__file__).resolve().parents[2] / "results" / "experiments.json"
 
 
+def provenance_lines(results: Results) -> list[str]:
+    """How, where and from what a results file was produced, and whether it describes this checkout: the short
+    summary notebook 09 prints before drawing anything from the file."""
+    doc = results.doc
+    invocation = (f"this invocation: {doc.get('sweep_seconds', 0) / 60:.0f} min ({doc.get('ran_now')} runs made, "
+                  f"{doc.get('cached')} from the cache); every run's own wall time, summed: "
+                  f"{doc.get('run_wall_seconds_sum', 0) / 60:.0f} min")
+    lines = [f"results: {results.path}",
+             f"produced by: {doc.get('produced_by')}  on {doc.get('date')}",
+             invocation,
+             f"machine: {doc.get('machine')}",
+             f"model: {doc.get('model')}",
+             f"versions: {doc.get('versions')}",
+             f"{len(results.records)} runs; code version {doc.get('code_version')} (this checkout: {code_version()})"]
+    if results.stale:
+        lines += ["", "STALE - these results do not describe this checkout, so nothing below is drawn from them:",
+                  *(f"  - {reason}" for reason in results.reasons),
+                  "Re-create them with `make sweep` (about an hour on 2 cores; unchanged runs come from the cache)."]
+    lines.append("reproduce: make sweep   (python -m lora_course.experiments --workers 2 --out results/experiments.json)")
+    return lines
+
+
+def check_provenance(profile: str = "cpu", model_id: str | None = None, results_path: str | Path | None = None,
+                     live_seeds: Sequence[int] = (0,), live_steps: int | None = None, workers: int = 2,
+                     out_dir: str | Path = "build", quiet: bool = False) -> Results:
+    """The results notebook 09 draws from, checked against this checkout (model identity and code version).
+
+    ``results_path`` given: that file, read with ``load_results``. Else, on the ``cpu`` profile, the committed
+    file (``default_results_path()``); any other profile has no committed results for its model, so the whole grid
+    runs live now (``live_seeds``, ``live_steps`` steps a run, ``workers`` processes) and is written to
+    ``out_dir/experiments-<profile>.json`` first; a failed run raises ``RunFailedError``. Prints
+    ``provenance_lines`` unless ``quiet``; ``Results.stale`` (with ``reasons``) says whether the file may be used.
+    """
+    from .models import resolve_profile
+
+    profile = resolve_profile(profile)
+    if results_path or profile == "cpu":
+        path = Path(results_path) if results_path else default_results_path()
+    else:
+        configs = full_grid(seeds=list(live_seeds), **({"steps": live_steps} if live_steps else {}))
+        if not quiet:
+            print(f"running {len(configs)} configurations live on the {profile} profile")
+        sweep = run_sweep(configs, profile, model_id, workers=workers)
+        if sweep.failed:
+            raise RunFailedError(f"{len(sweep.failed)} run(s) of the live grid failed:\n" + "\n".join(sweep.failed))
+        path = write_results(sweep, Path(out_dir) / f"experiments-{profile}.json",
+                             f"notebook 09, profile {profile}, seeds {list(live_seeds)}")
+    results = load_results(path, profile, model_id)
+    if not quiet:
+        print("\n".join(provenance_lines(results)))
+    return results
+
+
 # ===================================================================================================== CLI
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

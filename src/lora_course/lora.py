@@ -48,8 +48,9 @@ class LoRALinear(nn.Module):
         self.r = int(r)
         self.alpha = float(alpha)
         self.use_rslora = use_rslora
-        # Hu et al.: alpha / r keeps the update's size roughly independent of r at a fixed learning rate for
-        # small r; rsLoRA: alpha / sqrt(r) keeps it stable for large r too (the update no longer shrinks).
+        # Hu et al. keep alpha fixed (scale alpha / r); rsLoRA (Kalajdzievski 2023) shows each step's change to
+        # delta W then shrinks like 1/sqrt(r), and alpha / sqrt(r) keeps it the same for every r (notebook 01
+        # measures both, and alpha = 2r, whose step grows like sqrt(r)).
         self.scaling = self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapters of a half-precision base are kept in float32 (peft's autocast_adapter_dtype): small updates to

@@ -598,6 +598,40 @@ def measure_peak(method: str, profile: str = "cpu", model_id: str | None = None,
     return Measurement(**json.loads(lines[-1]))
 
 
+class PeakMeasurements:
+    """``measure_peak`` for several methods, one after the other in a background thread (each method in its own
+    fresh process, so peaks never mix and never overlap): a notebook starts them early and goes on working.
+
+    ``lr`` is one learning rate, or one per method (``{"full": 5e-5, "lora": 2e-3, ...}``); every other keyword goes
+    to ``measure_peak`` unchanged. ``results()`` waits for all of them and returns ``{method: Measurement}`` in the
+    order given; a measurement that failed raises its error there.
+    """
+
+    def __init__(self, methods: tuple[str, ...] | list[str], profile: str = "cpu", model_id: str | None = None,
+                 lr: float | dict[str, float] | None = None, **kwargs: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        methods = list(methods)
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods or len(set(methods)) != len(methods):
+            raise ValueError(f"methods {methods!r}: give each of {', '.join(METHODS)} at most once, at least one")
+        if isinstance(lr, dict) and set(lr) != set(methods):
+            raise ValueError(f"lr names {sorted(lr)}, the methods are {sorted(methods)}: give one rate per method "
+                             "(or a single float for all)")
+        self._pool = ThreadPoolExecutor(max_workers=1)  # one process at a time: their peaks must not overlap
+        self._pending = {}
+        for m in methods:
+            rate = lr[m] if isinstance(lr, dict) else lr
+            kw = {**kwargs, **({"lr": rate} if rate is not None else {})}
+            self._pending[m] = self._pool.submit(measure_peak, m, profile, model_id, **kw)
+
+    def results(self) -> dict[str, Measurement]:
+        try:
+            return {m: f.result() for m, f in self._pending.items()}
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def gpu_memory_benchmark(tokenizer_source: str, batch_size: int = 4, seq_len: int = 256, steps: int = 4,
                          r: int = 16, tolerance: float = 0.15, gradient_checkpointing: bool = True,
                          model_dir: str | None = None) -> tuple[bool, list[Measurement]]:

@@ -1,0 +1,256 @@
+"""Notebook 11's plumbing: a training loop that shows its learning rate, gradient norms and update sizes, a divergence
+guard that stops a run and names the fix, and the bookkeeping of merging a QLoRA-trained adapter.
+
+- ``train_run``: the course's plain loop (``train.train_steps``: AdamW, answer-only loss, seeded batches) with what a
+  real recipe adds: a learning-rate schedule (``transformers.get_scheduler``, the same function ``Trainer`` calls for
+  ``lr_scheduler_type``/``warmup_steps``), gradient clipping (``torch.nn.utils.clip_grad_norm_``, as ``Trainer`` does
+  with ``max_grad_norm``), and per step the rate used, the gradient norm before and after clipping and the size of
+  the update actually written into the weights. Optionally it stops a diverging run (``DivergenceGuard``).
+- ``DivergenceGuard``: a loss that is not finite, or far above the run's first loss, stops training before the bad
+  step is applied; ``TrainingDiverged`` carries the log so far and a message naming the fixes.
+- ``snapshot_trainable`` / ``restore_trainable``: start several runs from the same adapter initialisation.
+- ``dequantized_weights``: the weights a bitsandbytes 4-bit model really computes with, keyed by the plain model's
+  module names, decoded with ``nf4.bnb_weight`` (correct on every CPU, unlike bitsandbytes' ``dequantize_4bit`` on
+  AVX-512 CPUs for rows that are not whole blocks): what a QLoRA adapter must be merged into.
+- ``logit_gap``: how far two models' next-token distributions are apart on the same batch (max |logit difference|,
+  mean KL, top-1 agreement), over the positions that carry a label.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .data import collate, tokenize_example
+
+SCHEDULES: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class RunLog:
+    """Per-step record of a ``train_run``: the loss, the learning rate the step used, the gradient norm before and
+    after clipping (equal without clipping) and the norm of the change the optimizer made to the trainable weights."""
+
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    clipped_norms: list[float] = field(default_factory=list)
+    update_norms: list[float] = field(default_factory=list)
+    skipped_steps: int = 0  # fp16 GradScaler steps skipped for inf/nan gradients
+    seconds: float = 0.0
+    stopped: str | None = None  # the divergence message when a guard stopped the run
+
+    @property
+    def steps(self) -> int:
+        return len(self.update_norms)
+
+
+class TrainingDiverged(RuntimeError):
+    """A run stopped by ``DivergenceGuard``: ``log`` holds the steps done before it (the bad step is not applied)."""
+
+    def __init__(self, message: str, step: int, loss: float, log: RunLog) -> None:
+        super().__init__(message)
+        self.step, self.loss, self.log = step, loss, log
+
+
+@dataclass(frozen=True)
+class DivergenceGuard:
+    """Stop a run whose loss is not finite or exceeds ``factor`` times its first loss.
+
+    Why a ratio to the first loss: in a healthy run the loss of a batch stays near or below the first one (notebook
+    11's runs: never above 1.05x), so a factor of a few is far outside that noise, while a diverging run passes it
+    within a few steps (there: 4-8x at the second step) and climbs on towards inf/nan.
+    """
+
+    factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.factor, (int, float)) and self.factor > 1):
+            raise ValueError(f"DivergenceGuard factor must be a number > 1 (times the first loss), got {self.factor!r}")
+
+    def check(self, step: int, loss: float, first: float, lr: float, max_grad_norm: float | None,
+              warmup_steps: int) -> str | None:
+        """None while training is healthy; else the message saying what happened and what to change."""
+        if math.isfinite(loss) and loss <= self.factor * first:
+            return None
+        what = (f"loss is {loss}" if not math.isfinite(loss) else
+                f"loss {loss:.2f} is {loss / first:.1f}x the first step's {first:.2f} (limit {self.factor:g}x)")
+        fixes = [f"lower the learning rate (now {lr:.2g}; LoRA trains at 1e-4 to 2e-3)"]
+        if not warmup_steps:
+            fixes.append("warm up over the first 5-10% of the steps (warmup_steps)")
+        if max_grad_norm is None:
+            fixes.append("clip gradients (max_grad_norm=1.0)")
+        fixes.append("in fp16, scale the loss (a GradScaler; Trainer(fp16=True) does it)")
+        return f"diverged at step {step}: {what}. Fix: " + "; ".join(fixes) + "."
+
+
+def _batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """The examples of each step: a seeded shuffle, reshuffled when used up (``train.train_steps``' order)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            more = list(range(n))
+            rng.shuffle(more)
+            order += more
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
+
+
+def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: int, batch_size: int = 8,
+              lr: float = 2e-3, schedule: str = "constant", warmup_steps: int = 0, max_grad_norm: float | None = None,
+              seed: int = 0, max_length: int = 128, weight_decay: float = 0.0, optimizer: Any = None,
+              guard: DivergenceGuard | None = None, amp: str = "auto") -> RunLog:
+    """Train the model's trainable parameters for ``steps`` AdamW steps with a schedule and optional clipping.
+
+    ``schedule`` is a ``transformers.get_scheduler`` name (``SCHEDULES``), stepped once per optimizer step as
+    ``Trainer`` does; ``max_grad_norm`` clips the total gradient norm before the step (None: no clipping). With a
+    ``guard`` a diverging loss raises ``TrainingDiverged`` before its step is applied. fp16 models on a GPU train
+    under autocast with a GradScaler (gradients unscaled before clipping), as ``train.train_steps`` does.
+    """
+    import torch
+    from transformers import get_scheduler
+
+    from .hardware import amp_context, check_scalable, make_grad_scaler, resolve_loop_amp
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)} "
+                         "(transformers' lr_scheduler_type names)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 0 <= warmup_steps < steps:
+        raise ValueError(f"warmup_steps must be in [0, steps), got {warmup_steps} of {steps}")
+    if warmup_steps and schedule == "constant":
+        raise ValueError("schedule 'constant' ignores warmup_steps: use 'constant_with_warmup' (or cosine/linear)")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: add LoRA layers (or unfreeze some) first")
+    torch.manual_seed(seed)
+    feats = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = get_scheduler(schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    device = params[0].device
+    amp = resolve_loop_amp(model, amp)
+    scaler = make_grad_scaler(amp, device.type)
+    if scaler is not None:
+        check_scalable(params)
+    log = RunLog()
+    model.train()
+    t0 = time.perf_counter()
+    try:
+        for step, idx in enumerate(_batch_order(len(feats), batch_size, steps, seed)):
+            batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx], tokenizer.pad_token_id).items()}
+            with amp_context(amp, device.type):
+                loss = model(**batch).loss
+            value = loss.item()
+            current_lr = opt.param_groups[0]["lr"]
+            if guard is not None:
+                message = guard.check(step, value, log.losses[0] if log.losses else value, current_lr,
+                                      max_grad_norm, warmup_steps)
+                if message:
+                    log.stopped = message
+                    raise TrainingDiverged(message, step, value, log)
+            before = [p.detach().clone() for p in params]
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads).item()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            clipped = torch.nn.utils.get_total_norm(grads).item() if max_grad_norm is not None else norm
+            if scaler is None:
+                opt.step()
+            else:
+                scale = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                log.skipped_steps += scaler.get_scale() < scale  # the scale drops only after a skipped step
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                update = math.sqrt(sum((p.detach().float() - b.float()).pow(2).sum().item()
+                                       for p, b in zip(params, before)))
+            log.losses.append(value)
+            log.lrs.append(current_lr)
+            log.grad_norms.append(norm)
+            log.clipped_norms.append(clipped)
+            log.update_norms.append(update)
+    finally:
+        log.seconds = time.perf_counter() - t0
+        model.eval()
+    return log
+
+
+def snapshot_trainable(model: Any) -> dict[str, Any]:
+    """A copy of every trainable parameter, by name: ``restore_trainable`` puts them back (same start for each run)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model: Any, snapshot: dict[str, Any]) -> None:
+    """Copy a ``snapshot_trainable`` back into the model (in place); every snapshot name must exist."""
+    import torch
+
+    params = dict(model.named_parameters())
+    missing = sorted(set(snapshot) - set(params))
+    if missing:
+        raise KeyError(f"the snapshot has parameters this model lacks (another model or adapter?): {missing[:3]}")
+    with torch.no_grad():
+        for name, value in snapshot.items():
+            params[name].copy_(value)
+
+
+def dequantized_weights(model: Any, dtype: Any = None) -> dict[str, Any]:
+    """The weight of every bitsandbytes 4-bit layer of ``model`` (peft-wrapped or not), decoded, by plain module name.
+
+    Names are those of the unwrapped model (``model.layers.0.self_attn.q_proj``), so they address the same layers of
+    a 16-bit copy of the model: ``plain.get_submodule(name).weight.copy_(w)`` turns it into the dequantized NF4 base.
+    Decoded with ``nf4.bnb_weight`` (either of bitsandbytes' layouts, any CPU); ``dtype`` default float32.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    from .nf4 import bnb_weight
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            plain = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+            out[plain] = bnb_weight(module, dtype or torch.float32)
+    if not out:
+        raise ValueError("the model has no bitsandbytes 4-bit layers: load it with "
+                         "BitsAndBytesConfig(load_in_4bit=True) (QLoRA) first")
+    return out
+
+
+def logit_gap(ref_logits: Any, logits: Any, labels: Any | None = None) -> dict[str, float]:
+    """How far ``logits`` are from ``ref_logits`` (same batch): max |difference|, mean KL(ref || other) in nats, and
+    the share of positions where both pick the same top token. Positions: where the next token carries a label
+    (``labels[:, 1:] != -100``), or all positions without ``labels``."""
+    import torch
+
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"logits of different shapes {tuple(ref_logits.shape)} and {tuple(logits.shape)}: "
+                         "run both models on the same batch")
+    ref, other = ref_logits.float(), logits.float()
+    if labels is not None:
+        mask = labels[:, 1:] != -100
+        ref, other = ref[:, :-1][mask], other[:, :-1][mask]
+    else:
+        ref, other = ref.reshape(-1, ref.shape[-1]), other.reshape(-1, other.shape[-1])
+    logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(other, -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return {"max_abs": (ref - other).abs().max().item(), "mean_kl": kl.mean().item(),
+            "top1_agree": (ref.argmax(-1) == other.argmax(-1)).float().mean().item()}
+
+
+__all__ = ["SCHEDULES", "DivergenceGuard", "RunLog", "TrainingDiverged", "dequantized_weights", "logit_gap",
+           "restore_trainable", "snapshot_trainable", "train_run"]
