@@ -518,3 +518,105 @@ def test_evaluate_gguf_scores_the_files_own_greedy_replies(tiny_gguf, tiny_tok):
     replies = gguf_chat(llm, tiny_tok, [prompt_messages(ex) for ex in examples], MAX_NEW_TOKENS["technical"])
     assert result.outputs == replies and result.task == "technical" and result.perplexity is None
     assert result.metrics == score("technical", replies, examples)
+
+
+# ----------------------------------------------------------------------- the literal command lines (issue 24)
+def _outfile(cmd: list[str]) -> Path:
+    return Path(cmd[cmd.index("--outfile") + 1])
+
+
+def test_to_gguf_runs_exactly_convert_command(tiny_dir, tmp_path, monkeypatch):
+    """The command notebook 08 prints is the one to_gguf runs (one source of truth), with a temporary --outfile."""
+    seen = []
+    monkeypatch.setattr(export, "_run_converter", lambda cmd, conv, what, timeout: seen.append(cmd))
+    out = tmp_path / "x.gguf"
+    with pytest.raises(ExportError, match="wrote no file"):  # nothing ran: the converter was replaced
+        to_gguf(tiny_dir, out, outtype="f16")
+    (cmd,) = seen
+    tmp = _outfile(cmd)
+    assert tmp.parent == out.parent and tmp != out  # a temporary sibling, renamed when complete
+    assert cmd == export.convert_command(export.local_model_folder(tiny_dir), tmp, "f16")
+    assert Path(cmd[1]).name == "convert_hf_to_gguf.py" and cmd[2] == str(tiny_dir) and cmd[-2:] == ["--outtype", "f16"]
+    with pytest.raises(UnknownQuantizationError, match="use quantize"):
+        export.convert_command(tiny_dir, out, "q4_k_m")
+
+
+def test_lora_to_gguf_runs_exactly_lora_convert_command(tiny_dir, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(export, "_run_converter", lambda cmd, conv, what, timeout: seen.append(cmd))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ExportError, match="wrote no file"):
+        export.lora_to_gguf(tmp_path, tiny_dir, tmp_path / "a.gguf")
+    (cmd,) = seen
+    assert cmd == export.lora_convert_command(tmp_path, export.local_model_folder(tiny_dir), _outfile(cmd), "f32")
+    assert Path(cmd[1]).name == "convert_lora_to_gguf.py" and cmd[cmd.index("--base") + 1] == str(tiny_dir)
+
+
+def test_quantize_calls_llama_model_quantize_as_quantize_command_says(tiny_gguf, tmp_path, monkeypatch):
+    """quantize() passes the library the input, the type and the threads that the printed llama-quantize line names."""
+    import llama_cpp
+
+    seen = []
+
+    def fake(inp, out, params):
+        seen.append((inp.decode(), out.decode(), params.ftype, params.nthread))
+        return 1  # failed: nothing written
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", fake)
+    out = tmp_path / "q.gguf"
+    argv = export.quantize_command(tiny_gguf, out, "q4_k_m", nthread=3)
+    assert argv == ["llama-quantize", str(tiny_gguf), str(out), "Q4_K_M", "3"]
+    with pytest.raises(ExportError, match="failed with code 1"):
+        quantize(tiny_gguf, out, "q4_k_m", nthread=3)
+    ((inp, tmp, ftype, nthread),) = seen
+    assert inp == argv[1] and Path(tmp).parent == out.parent and not out.exists()
+    assert ftype == export.quantization_types()[argv[3]] and nthread == int(argv[4])
+
+
+@pytest.mark.parametrize("name", ["Q3_X", "int4", ""])
+def test_quantize_command_refuses_unknown_types(name):
+    with pytest.raises(UnknownQuantizationError, match="unknown quantization") as err:
+        export.quantize_command("in.gguf", "out.gguf", name)
+    assert "Q4_K_M" in str(err.value)
+
+
+def test_serve_starts_exactly_server_command(tiny_gguf, monkeypatch):
+    seen = []
+
+    class Exited:  # a server process that died at once
+        returncode = 1
+
+        def poll(self):
+            return 1
+
+        def terminate(self):
+            pass
+
+        def wait(self, timeout=None):
+            return 1
+
+        def kill(self):
+            pass
+
+    def fake_popen(cmd, **kwargs):
+        seen.append(cmd)
+        return Exited()
+
+    monkeypatch.setattr(export.subprocess, "Popen", fake_popen)
+    with pytest.raises(ExportError, match="exited with 1"), export.serve(tiny_gguf, port=12345, n_threads=2):
+        pass
+    assert seen == [export.server_command(tiny_gguf, 12345, 2)]
+    cmd = seen[0]
+    assert cmd[1:3] == ["-m", "llama_cpp.server"] and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+def test_nominal_bits_per_weight_from_the_block_formats(tiny_gguf, tmp_path):
+    bits = {q: export.nominal_bits_per_weight(q) for q in ("F32", "F16", "Q8_0", "q5_k_m", "Q4_K_M", "Q4_0")}
+    assert bits == {"F32": 32.0, "F16": 16.0, "Q8_0": 8.5, "q5_k_m": 5.5, "Q4_K_M": 4.5, "Q4_0": 4.5}
+    for name in ("MOSTLY_Q4_1_SOME_F16", "Q3_X"):
+        with pytest.raises(UnknownQuantizationError, match="one target tensor type"):
+            export.nominal_bits_per_weight(name)
+    # a file holds at least the nominal bits: norms stay F32, fallbacks and recipes only go up
+    for q in ("Q8_0", "Q4_K_M"):
+        report = quantize(tiny_gguf, tmp_path / f"{q}.gguf", q)
+        assert report.bits_per_weight >= export.nominal_bits_per_weight(q), (q, report.bits_per_weight)

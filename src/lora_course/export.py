@@ -412,6 +412,32 @@ def local_model_folder(model: str | Path) -> Path:
                           "gated model, or give a local folder") from e
 
 
+def convert_command(model_dir: str | Path, out_path: str | Path, outtype: str = "f16",
+                    conv: Path | None = None) -> list[str]:
+    """The argv ``to_gguf`` runs: llama.cpp's ``convert_hf_to_gguf.py MODEL_DIR --outfile OUT --outtype TYPE``.
+
+    ``conv`` is the converter folder (default: ``fetch_converter()``); the script runs with that folder's
+    ``gguf-py`` on ``PYTHONPATH`` (``_converter_env``). In a llama.cpp checkout the same command is
+    ``python convert_hf_to_gguf.py MODEL_DIR --outfile OUT --outtype TYPE``.
+    """
+    if outtype not in CONVERTER_OUTTYPES:
+        raise UnknownQuantizationError(f"outtype {outtype!r} is not one of the converter's "
+                                       f"{', '.join(CONVERTER_OUTTYPES)}; for k-quants use quantize()")
+    conv = conv or fetch_converter()
+    return [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_path),
+            "--outtype", outtype]
+
+
+def lora_convert_command(adapter_dir: str | Path, base_dir: str | Path, out_path: str | Path, outtype: str = "f32",
+                         conv: Path | None = None) -> list[str]:
+    """The argv ``lora_to_gguf`` runs: ``convert_lora_to_gguf.py ADAPTER --base BASE_DIR --outfile OUT --outtype T``."""
+    if outtype not in CONVERTER_OUTTYPES:
+        raise UnknownQuantizationError(f"outtype {outtype!r} is not one of {', '.join(CONVERTER_OUTTYPES)}")
+    conv = conv or fetch_converter()
+    return [sys.executable, str(conv / "convert_lora_to_gguf.py"), str(adapter_dir), "--base", str(base_dir),
+            "--outfile", str(out_path), "--outtype", outtype]
+
+
 def to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", overwrite: bool = False,
             timeout: float = 1800) -> Path:
     """Convert a transformers folder to GGUF with llama.cpp's own ``convert_hf_to_gguf.py``.
@@ -438,8 +464,8 @@ def to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16", o
     check_tokenizer_files(model_dir)
     _check_destination(out_path, overwrite)
     with _atomic_path(out_path) as tmp:
-        _run_converter([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
-                        str(tmp), "--outtype", outtype], conv, f"convert_hf_to_gguf.py on {model_dir}", timeout)
+        _run_converter(convert_command(model_dir, tmp, outtype, conv), conv, f"convert_hf_to_gguf.py on {model_dir}",
+                       timeout)
         if not tmp.exists():
             raise ExportError(f"convert_hf_to_gguf.py wrote no file at {tmp}")
         _check_gguf_tokenizer(tmp)
@@ -463,8 +489,7 @@ def lora_to_gguf(adapter_dir: str | Path, base_dir: str | Path, out_path: str | 
     conv = fetch_converter()
     _check_destination(out_path, overwrite)
     with _atomic_path(out_path) as tmp:
-        _run_converter([sys.executable, str(conv / "convert_lora_to_gguf.py"), str(adapter_dir), "--base",
-                        str(base_dir), "--outfile", str(tmp), "--outtype", outtype], conv,
+        _run_converter(lora_convert_command(adapter_dir, base_dir, tmp, outtype, conv), conv,
                        f"convert_lora_to_gguf.py on {adapter_dir}", timeout)
         if not tmp.exists():
             raise ExportError(f"convert_lora_to_gguf.py wrote no file at {tmp}")
@@ -489,6 +514,24 @@ def _target_tensor_type(qtype: str) -> Any:
 
     base = re.sub(r"_K_[SML]$", "_K", qtype)
     return T.__members__.get(base)
+
+
+def nominal_bits_per_weight(qtype: str) -> float:
+    """Bits per weight of the tensor type a quantization name aims for, from its block format (gguf's
+    ``GGML_QUANT_SIZES``): F32 32, F16 16, Q8_0 8.5 (34 bytes per 32), Q4_K_M 4.5 (Q4_K: 144 bytes per 256).
+
+    A file holds more (1-D norms stay F32, recipes keep some tensors higher, narrow rows fall back): that is
+    ``QuantizeReport.bits_per_weight``. A name that aims at no single type (e.g. ``MOSTLY_Q4_1_SOME_F16``) raises.
+    """
+    from gguf.constants import GGML_QUANT_SIZES
+
+    key = qtype.upper()
+    target = _target_tensor_type(key)
+    if key not in quantization_types() or target is None or target not in GGML_QUANT_SIZES:
+        raise UnknownQuantizationError(f"{qtype!r} is not a llama.cpp quantization with one target tensor type: "
+                                       "use a name such as F16, Q8_0, Q5_K_M or Q4_K_M")
+    block, size = GGML_QUANT_SIZES[target]
+    return 8 * size / block
 
 
 @dataclass
@@ -559,6 +602,24 @@ def _why(shape: tuple[int, ...], stored: str, target: Any, qtype: str) -> str:
     return f"{qtype}'s recipe keeps this tensor in higher precision by design"
 
 
+QUANTIZE_BINARY = "llama-quantize"
+
+
+def quantize_command(gguf_path: str | Path, out_path: str | Path, qtype: str = "Q8_0",
+                     nthread: int | None = None) -> list[str]:
+    """The ``llama-quantize`` command line equivalent to ``quantize(gguf_path, out_path, qtype, nthread)``.
+
+    ``quantize`` does not run this binary (the llama-cpp-python wheel ships none): it calls the library function
+    the binary calls, ``llama_model_quantize``, with the default parameters (the binary's defaults) and ``ftype`` /
+    ``nthread`` set, as ``llama-quantize IN.gguf OUT.gguf TYPE NTHREADS`` does. Unknown types raise as in ``quantize``.
+    """
+    key = qtype.upper()
+    types = quantization_types()
+    if key not in types:
+        raise UnknownQuantizationError(f"unknown quantization {qtype!r}: llama.cpp knows {', '.join(sorted(types))}")
+    return [QUANTIZE_BINARY, str(gguf_path), str(out_path), key, str(nthread or _threads())]
+
+
 def quantize(gguf_path: str | Path, out_path: str | Path, qtype: str = "Q8_0", nthread: int | None = None,
              overwrite: bool = False) -> QuantizeReport:
     """Quantize an f32/f16 GGUF with ``llama_cpp.llama_model_quantize`` (what ``llama-quantize`` runs).
@@ -571,17 +632,15 @@ def quantize(gguf_path: str | Path, out_path: str | Path, qtype: str = "Q8_0", n
     import llama_cpp
 
     gguf_path, out_path = Path(gguf_path), Path(out_path)
+    # the llama-quantize command line this call is equivalent to (one source of truth; unknown types raise here)
+    _, _, _, key, threads = quantize_command(gguf_path, out_path, qtype, nthread)
     types = quantization_types()
-    key = qtype.upper()
-    if key not in types:
-        raise UnknownQuantizationError(
-            f"unknown quantization {qtype!r}: llama.cpp knows {', '.join(sorted(types))}")
     if not gguf_path.exists():
         raise ExportError(f"{gguf_path} does not exist: convert the model with to_gguf first")
     _check_destination(out_path, overwrite)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = types[key]
-    params.nthread = nthread or _threads()
+    params.nthread = int(threads)
     t0 = time.perf_counter()
     log = logging.getLogger("llama-cpp-python")  # llama.cpp logs every tensor while quantizing: keep errors only
     level = log.level
@@ -1028,6 +1087,13 @@ def _free_port() -> int:
 SERVER_PACKAGES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 
 
+def server_command(gguf_path: str | Path, port: int, n_threads: int | None = None, n_ctx: int = 1024) -> list[str]:
+    """The argv ``serve`` starts: ``python -m llama_cpp.server --model FILE`` on 127.0.0.1 only."""
+    n = n_threads or _threads()
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
+            "--port", str(port), "--n_threads", str(n), "--n_threads_batch", str(n), "--n_ctx", str(n_ctx)]
+
+
 @contextlib.contextmanager
 def serve(gguf_path: str | Path, port: int | None = None, n_threads: int | None = None, n_ctx: int = 1024,
           startup_timeout: float = 60.0) -> Iterator[str]:
@@ -1042,10 +1108,8 @@ def serve(gguf_path: str | Path, port: int | None = None, n_threads: int | None 
     if missing:
         raise ExportError(f"llama_cpp.server needs {', '.join(missing)}: pip install 'llama-cpp-python[server]'")
     port = port or _free_port()
-    n = n_threads or _threads()
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
-           "--port", str(port), "--n_threads", str(n), "--n_threads_batch", str(n), "--n_ctx", str(n_ctx)]
+    cmd = server_command(gguf_path, port, n_threads, n_ctx)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
