@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_course.data import global_batches
 from lora_course.distributed import (
     DistributedConfigError,
     RunConfig,
@@ -20,7 +21,6 @@ from lora_course.distributed import (
     WrapError,
     check_devices,
     first_error,
-    global_batches,
     rank_micro_batches,
     resolve_wrap_class,
     save_adapter_on_main,

@@ -327,3 +327,19 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def global_batches(n_examples: int, global_batch: int, steps: int, seed: int) -> list[list[int]]:
+    """Example indices of every step's (global) batch: a seeded shuffle, reshuffled when used up; the same on every
+    rank of a distributed run (notebook 10) and the order of practice.train_run (notebook 11)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        while len(order) < global_batch:
+            more = list(range(n_examples))
+            rng.shuffle(more)
+            order += more
+        out.append(order[:global_batch])
+        order = order[global_batch:]
+    return out

@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from .data import global_batches
 
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 METHODS: tuple[str, ...] = ("lora", "qlora")
@@ -215,19 +216,7 @@ def qlora_fsdp_quantization_config(compute_dtype: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------- data schedule
-def global_batches(n_examples: int, global_batch: int, steps: int, seed: int) -> list[list[int]]:
-    """Example indices of every step's global batch: a seeded shuffle, cycled; the same on every rank."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    out = []
-    for _ in range(steps):
-        while len(order) < global_batch:
-            more = list(range(n_examples))
-            rng.shuffle(more)
-            order += more
-        out.append(order[:global_batch])
-        order = order[global_batch:]
-    return out
+# global_batches (every step's examples, the same on every rank) lives in data.py, beside the loop's other data code.
 
 
 def rank_micro_batches(batch: list[int], rank: int, world_size: int, grad_accum: int) -> list[list[int]]:

@@ -18,12 +18,11 @@ guard that stops a run and names the fix, and the bookkeeping of merging a QLoRA
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import collate, tokenize_example
+from .data import collate, global_batches, tokenize_example
 
 SCHEDULES: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -86,21 +85,6 @@ class DivergenceGuard:
         return f"diverged at step {step}: {what}. Fix: " + "; ".join(fixes) + "."
 
 
-def _batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """The examples of each step: a seeded shuffle, reshuffled when used up (``train.train_steps``' order)."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    out = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            more = list(range(n))
-            rng.shuffle(more)
-            order += more
-        out.append(order[:batch_size])
-        order = order[batch_size:]
-    return out
-
-
 def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: int, batch_size: int = 8,
               lr: float = 2e-3, schedule: str = "constant", warmup_steps: int = 0, max_grad_norm: float | None = None,
               seed: int = 0, max_length: int = 128, weight_decay: float = 0.0, optimizer: Any = None,
@@ -144,7 +128,7 @@ def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps:
     model.train()
     t0 = time.perf_counter()
     try:
-        for step, idx in enumerate(_batch_order(len(feats), batch_size, steps, seed)):
+        for step, idx in enumerate(global_batches(len(feats), batch_size, steps, seed)):
             batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx], tokenizer.pad_token_id).items()}
             with amp_context(amp, device.type):
                 loss = model(**batch).loss
