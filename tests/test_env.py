@@ -29,3 +29,13 @@ def test_doctor_reports_this_machine_and_the_courses_choices(monkeypatch, capsys
 def test_package_versions_names_missing_packages():
     assert env.package_versions(("torch", "no-such-package-xyz")) == {"torch": torch.__version__,
                                                                       "no-such-package-xyz": "not installed"}
+
+
+def test_machine_info_is_the_one_record_of_the_machine_for_every_report():
+    from lora_course.env import machine_info
+
+    info = machine_info(decode_threads=3)
+    # what make course / make bench (README's figures) and make sweep (results/experiments.json) each read
+    assert {"cpu", "flags", "cores", "torch_threads", "date", "platform", "python", "torch"} <= set(info)
+    assert info["decode_threads"] == 3 and info["cores"] == os.cpu_count()
+    assert set(info["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx"}

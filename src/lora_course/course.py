@@ -76,7 +76,7 @@ def write_report(runs: list[NotebookRun], out: Path) -> Path:
 def write_report_json(runs: list[NotebookRun], path: Path) -> Path:
     """The same report as data, with the machine it ran on (``make course`` copies it to results/course-cpu.json,
     which README's course-map figures are rendered from: ``python -m lora_course.readme``)."""
-    from .cpu_bench import machine_info
+    from .env import machine_info
     from .paths import write_text_atomic
 
     doc = {"produced_by": "make course (python -m lora_course.course)", "machine": machine_info(),

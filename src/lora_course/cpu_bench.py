@@ -402,27 +402,6 @@ GROUPS: dict[str, Callable[..., list[Figure]]] = {"merge": merge_figures, "adapt
 
 
 # ------------------------------------------------------------------------------------------------- running
-def machine_info(decode_threads: int | None = None) -> dict[str, Any]:
-    """What the figures depend on: CPU model and flags, cores, thread counts, versions, date, load."""
-    import platform
-
-    import torch
-
-    from .env import package_versions
-    from .llama_build import cpu_model, cpu_summary
-
-    info = {"cpu": cpu_model() or platform.processor() or "unknown", "flags": cpu_summary(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "decode_threads": decode_threads or os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "torch": torch.__version__, **package_versions(("transformers", "peft", "trl", "llama_cpp_python")),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version()}
-    try:
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
 def run_group_in_child(group: str, profile: str, model_id: str | None, repeats: int | None,
                        decode_threads: int | None, timeout: float = 900) -> list[Figure]:
     """One group in a fresh Python process (its threads, memory and any crash stay there); its figures back."""
@@ -494,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown group(s) {unknown}: choose among {', '.join(GROUPS)}")
     t0 = time.perf_counter()
+    from .env import machine_info
+
     machine = machine_info(a.decode_threads)
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), flush=True)
     figures: list[Figure] = []
@@ -529,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["GROUPS", "Figure", "Quantity", "Target", "adapter_figures", "decode_figures", "decode_gguf_files",
-           "decoder_inputs", "format_table", "latency_figure", "machine_info", "matmul_flops", "merge_figures",
+           "decoder_inputs", "format_table", "latency_figure", "matmul_flops", "merge_figures",
            "order_figure", "ratio_figure", "report", "sft_figures", "time_forwards"]
 
 if __name__ == "__main__":

@@ -25,6 +25,34 @@ def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str]:
     return out
 
 
+def machine_info(decode_threads: int | None = None) -> dict[str, Any]:
+    """The machine a result was measured on, for every report that records one (``make course``, ``make bench``,
+    ``make sweep``): CPU model and flags, cores, threads, memory, the GPU when there is one, versions, date, load."""
+    import time
+
+    import torch
+
+    from .llama_build import cpu_model, cpu_summary
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model() or platform.processor() or "unknown", "flags": cpu_summary(), "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "decode_threads": decode_threads or os.cpu_count(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        **package_versions(("transformers", "peft", "trl", "llama_cpp_python")), "date": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (OSError, ValueError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
 def memory_gib() -> dict[str, float]:
     """Total and available system memory in GiB (from /proc/meminfo where it exists)."""
     try:

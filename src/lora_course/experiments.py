@@ -21,7 +21,6 @@ import hashlib
 import inspect
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -421,28 +420,6 @@ def write_cached(key: str, record: dict[str, Any], root: Path | None = None) -> 
 
 
 # ================================================================================================== sweeps
-def machine() -> dict[str, Any]:
-    """The machine a sweep ran on (CPU model, cores, memory; the GPU when there is one)."""
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count()}
-    from .llama_build import cpu_model
-
-    if cpu_model():
-        info["cpu"] = cpu_model()
-    try:
-        info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (OSError, ValueError):
-        pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
 def run_isolated(cfg: RunConfig, profile: str = "cpu", model_id: str | None = None, timeout: float = 1800,
                  threads: int = 1) -> dict[str, Any]:
     """``run_one`` in a fresh Python process (its own peak memory), with ``threads`` BLAS threads."""
@@ -477,13 +454,13 @@ def run_sweep(configs: Iterable[RunConfig], profile: str = "cpu", model_id: str 
     progress bar shows runs done and the ETA (from the mean time of this sweep's fresh runs). A failed run is
     reported and left out; re-running the sweep retries it and keeps everything else.
     """
-    from .env import package_versions
+    from .env import machine_info, package_versions
 
     configs = [make_config(**asdict(c)) for c in configs]
     model = model_identity(profile, model_id)
     code = code_version()
     keys = [run_key(c, model, code) for c in configs]
-    meta = {"model": model, "code_version": code, "versions": package_versions(), "machine": machine(),
+    meta = {"model": model, "code_version": code, "versions": package_versions(), "machine": machine_info(),
             "profile": profile}
     records: dict[str, dict[str, Any]] = {}
     for k in keys:
