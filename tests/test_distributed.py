@@ -26,6 +26,7 @@ from lora_course.distributed import (
     save_adapter_on_main,
 )
 from lora_course.memory import TrainingSetup
+from lora_course.procs import free_port
 from lora_course.scaling import (
     batch_plan,
     collective_bytes,
@@ -46,14 +47,6 @@ TIMEOUT = 240  # seconds for one multi-process subprocess; a hang fails here
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONWARNINGS": "ignore"}
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------- bad input
@@ -201,7 +194,7 @@ def runs(tmp_path_factory):
     on 2 processes via `accelerate launch` (2 x 2 processes): the same global batch of 4, 3 steps."""
     out = tmp_path_factory.mktemp("dist")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
            "-m", "lora_course.distributed", "--strategy", "ddp", "--per-device-batch", "2", "--steps", "3",
            "--output-dir", str(out / "ddp2")]
     p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO)
@@ -287,7 +280,7 @@ def test_one_failing_rank_ends_every_rank_with_its_error(tmp_path):
     assert "CAUGHT" in p.stdout, p.stderr[-3000:]
     assert "First failure, rank1:" in p.stdout and "injected failure on rank 1 at step 1" in p.stdout
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
            "-m", "lora_course.distributed", "--strategy", "ddp", "--steps", "3", "--fail-rank", "1",
            "--output-dir", str(tmp_path / "cli")]
     p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO)

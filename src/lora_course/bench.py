@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .procs import run_module
 from .shapes import ALL_LINEAR, ModelShape
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; fp16 for the T4 (no bf16).
@@ -453,14 +454,10 @@ def run_isolated_many(configs: list[BenchConfig], source: str, rows_file: str, s
     if len({c.backend for c in configs}) != 1:
         raise ValueError(f"one process runs one backend, got {sorted({c.backend for c in configs})}")
     job = {"configs": [asdict(c) for c in configs], "source": source, "rows_file": rows_file, "seed": seed}
-    proc = subprocess.run([sys.executable, "-m", "lora_course.bench", "--one", json.dumps(job)], check=False,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"name"')]
-    if proc.returncode != 0 or len(lines) != len(configs):
-        names = ", ".join(repr(c.name) for c in configs)
-        raise RuntimeError(f"benchmark run {names} failed (exit {proc.returncode}, {len(lines)} of {len(configs)} "
-                           f"results):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return [BenchResult(**json.loads(ln)) for ln in lines]
+    names = ", ".join(repr(c.name) for c in configs)
+    rows = run_module("lora_course.bench", ["--one", json.dumps(job)], what=f"benchmark run {names}", timeout=timeout,
+                      prefix='{"name"', expect=len(configs))
+    return [BenchResult(**row) for row in rows]
 
 
 def run_grouped(configs: list[BenchConfig], source: str, rows_file: str, seed: int = 0) -> list[BenchResult]:

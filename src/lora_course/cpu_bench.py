@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .procs import run_module
+
 _OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, ">": operator.gt,
                                                    "<": operator.lt}
 
@@ -405,16 +407,12 @@ GROUPS: dict[str, Callable[..., list[Figure]]] = {"merge": merge_figures, "adapt
 def run_group_in_child(group: str, profile: str, model_id: str | None, repeats: int | None,
                        decode_threads: int | None, timeout: float = 900) -> list[Figure]:
     """One group in a fresh Python process (its threads, memory and any crash stay there); its figures back."""
-    cmd = [sys.executable, "-m", "lora_course.cpu_bench", "--child", group, "--profile", profile]
-    cmd += ["--model-id", model_id] if model_id else []
-    cmd += ["--repeats", str(repeats)] if repeats else []
-    cmd += ["--decode-threads", str(decode_threads)] if decode_threads else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"figures"')]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"group {group!r} failed (exit {proc.returncode}):\n{proc.stdout[-1500:]}\n"
-                           f"{proc.stderr[-3000:]}")
-    return [Figure.from_json(d) for d in json.loads(lines[-1])["figures"]]
+    args = ["--child", group, "--profile", profile]
+    args += ["--model-id", model_id] if model_id else []
+    args += ["--repeats", str(repeats)] if repeats else []
+    args += ["--decode-threads", str(decode_threads)] if decode_threads else []
+    doc = run_module("lora_course.cpu_bench", args, what=f"group {group!r}", timeout=timeout, prefix='{"figures"')[-1]
+    return [Figure.from_json(d) for d in doc["figures"]]
 
 
 def _fmt(v: float, unit: str) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import global_batches
+from .procs import free_port
 
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 METHODS: tuple[str, ...] = ("lora", "qlora")
@@ -476,14 +477,6 @@ def _train(cfg: RunConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------- launch
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def first_error(output_dir: str | Path) -> str | None:
     """The traceback of the rank that failed first (the others then only see their peer disappear)."""
     found = []
@@ -512,7 +505,7 @@ def launch(cfg: RunConfig) -> RunResult:
     from accelerate import notebook_launcher
 
     try:
-        notebook_launcher(train_worker, args=(cfg,), num_processes=cfg.num_processes, use_port=str(_free_port()))
+        notebook_launcher(train_worker, args=(cfg,), num_processes=cfg.num_processes, use_port=str(free_port()))
     except Exception as e:  # noqa: BLE001 - re-raised with the failing rank's own error
         cause = first_error(cfg.output_dir) or f"{type(e).__name__}: {e}"
         raise DistributedRunError(f"the {cfg.strategy} run on {cfg.num_processes} processes failed and every rank "

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .paths import cache_dir, write_text_atomic
+from .procs import run_module
 
 EXPERIMENTS_VERSION = 1
 """Bump when a change outside the hashed functions changes what a run measures."""
@@ -424,15 +425,10 @@ def run_isolated(cfg: RunConfig, profile: str = "cpu", model_id: str | None = No
                  threads: int = 1) -> dict[str, Any]:
     """``run_one`` in a fresh Python process (its own peak memory), with ``threads`` BLAS threads."""
     payload = json.dumps({"config": asdict(cfg), "profile": profile, "model_id": model_id})
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "lora_course.experiments", "--run-one", payload], check=False,
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RunFailedError(f"run {cfg.label} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"), "TOKENIZERS_PARALLELISM": "false"}
+    return run_module("lora_course.experiments", ["--run-one", payload], what=f"run {cfg.label}", timeout=timeout,
+                      env=env, error=RunFailedError)[-1]
 
 
 @dataclass

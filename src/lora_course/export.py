@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .paths import cache_dir, publish_directory, read_complete
+from .procs import free_port
 
 LLAMA_CPP_DIST = "llama-cpp-python"
 LLAMA_CPP_PIN = "0.3.36"
@@ -1078,12 +1078,6 @@ def llama_cpp_check(timeout: float = 120.0, quants: Sequence[str] = PROBE_QUANTS
 
 
 # ------------------------------------------------------------------------------------------------ serving
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SERVER_PACKAGES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 
 
@@ -1107,7 +1101,7 @@ def serve(gguf_path: str | Path, port: int | None = None, n_threads: int | None 
     missing = [p for p in SERVER_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
         raise ExportError(f"llama_cpp.server needs {', '.join(missing)}: pip install 'llama-cpp-python[server]'")
-    port = port or _free_port()
+    port = port or free_port()
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
     cmd = server_command(gguf_path, port, n_threads, n_ctx)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .procs import run_module
 from .shapes import ALL_LINEAR, ATTENTION, LLAMA_3_1_8B, LLAMA_3_1_70B, MISTRAL_7B, ModelShape
 
 GB = 1e9
@@ -587,15 +587,11 @@ def measure_peak(method: str, profile: str = "cpu", model_id: str | None = None,
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     cfg = {"method": method, "profile": profile, "model_id": model_id, **kwargs}
-    cmd = [sys.executable, "-m", "lora_course.memory", "--measure", json.dumps(cfg)]
     # With a fixed mmap threshold glibc serves every block >= 64 KiB by mmap and unmaps it on free, so peak RSS
     # follows the live tensor bytes (its default adaptive threshold keeps freed activations in the heap).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"measurement of {method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return Measurement(**json.loads(lines[-1]))
+    env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
+    return Measurement(**run_module("lora_course.memory", ["--measure", json.dumps(cfg)],
+                                    what=f"measurement of {method}", timeout=timeout, env=env)[-1])
 
 
 class PeakMeasurements:
