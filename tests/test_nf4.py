@@ -244,3 +244,14 @@ def test_qlora_init_matches_chapter_1_lora_linear():
 
 
 # dequantized_copy of whole 4-bit models, on this CPU and on a simulated AVX512-BF16 one: tests/test_nf4_bnb_cpu.py
+
+
+def test_qlora_quantization_config_is_nf4_with_double_quant_and_the_asked_storage():
+    import torch as _torch
+
+    from lora_course.nf4 import qlora_quantization_config
+
+    cfg = qlora_quantization_config(_torch.float16).to_dict()
+    assert (cfg["load_in_4bit"], cfg["bnb_4bit_quant_type"], cfg["bnb_4bit_use_double_quant"]) == (True, "nf4", True)
+    assert cfg["bnb_4bit_compute_dtype"] == "float16" and cfg["bnb_4bit_quant_storage"] == "uint8"
+    assert qlora_quantization_config(_torch.bfloat16, _torch.bfloat16).to_dict()["bnb_4bit_quant_storage"] == "bfloat16"

@@ -210,10 +210,9 @@ def qlora_fsdp_quantization_config(compute_dtype: Any) -> Any:
     bitsandbytes packs two 4-bit weights per uint8 by default; FSDP flattens all parameters of a unit into one
     buffer of one dtype, so the packed weights are stored as ``compute_dtype`` elements instead (same bytes).
     """
-    from transformers import BitsAndBytesConfig
+    from .nf4 import qlora_quantization_config
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
+    return qlora_quantization_config(compute_dtype, storage_dtype=compute_dtype)
 
 
 # --------------------------------------------------------------------------------------- data schedule

@@ -534,6 +534,18 @@ def emulate_bnb_avx512_dequantize(packed: torch.Tensor, absmax: torch.Tensor, sh
     return (code[nibbles] * absmax.float()[idx]).to(dtype).reshape(shape)
 
 
+def qlora_quantization_config(compute_dtype: Any, storage_dtype: Any = None) -> Any:
+    """QLoRA's 4-bit settings for ``from_pretrained``: NF4 (this module's code), double quantization of the absmax
+    constants, matmuls in ``compute_dtype``. ``storage_dtype`` (default uint8: two weights per byte) stores the packed
+    weights as elements of another dtype, same bytes: FSDP needs the compute dtype there (notebook 10).
+    (``memory.load_for_method`` still writes the same settings inline: it keys notebook 09's committed results.)"""
+    from transformers import BitsAndBytesConfig
+
+    kw = {"bnb_4bit_quant_storage": storage_dtype} if storage_dtype is not None else {}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, **kw)
+
+
 def emulate_bnb_python_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...],
                                   blocksize: int, dtype: torch.dtype, code: torch.Tensor = NF4_CODE) -> torch.Tensor:
     """bitsandbytes' Python fallback (``_dequantize_4bit_impl``): the code is cast to ``dtype`` before scaling."""

@@ -320,15 +320,15 @@ def load_for_sft(recipe: SFTRecipe, source: str, seed: int = 0) -> tuple[Any, An
         tok = getattr(tok, "tokenizer", tok)
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .nf4 import qlora_quantization_config
 
         tok = AutoTokenizer.from_pretrained(source)
         cuda = torch.cuda.is_available() and recipe.precision != "fp32"
         kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": 0} if cuda else {"": "cpu"}}
         if recipe.load_in_4bit:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype)
+            kwargs["quantization_config"] = qlora_quantization_config(dtype)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if recipe.load_in_4bit:
