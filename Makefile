@@ -73,7 +73,7 @@ PARALLEL_NOTEBOOKS := $(filter-out $(SOLO_NOTEBOOKS),$(NOTEBOOKS))
 COURSE_RUN = env -u MPLBACKEND $(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS) \
 	--solo $(SOLO_NOTEBOOKS)
 SITE_BUILD = $(PY) -m lora_course.site --build build --out build/site
-SITE_CHECK = $(PY) scripts/site_check.py --site build/site --build build --shots build/site-shots
+SITE_CHECK = $(PY) scripts/site_check.py --site build/site --build build --shots build/site-shots --require-figures
 
 # Each step runs even when one before it failed (a failing unit test still lets every notebook report); the target
 # fails when any did.

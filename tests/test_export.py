@@ -9,24 +9,27 @@ from pathlib import Path
 import pytest
 
 from lora_course import export
+from lora_course import modelfile
 from lora_course.export import (
-    DEFAULT_CONVERSATIONS,
     ExportError,
     OutputExistsError,
     TokenizerError,
     UnknownQuantizationError,
     UnsupportedArchitectureError,
-    check_modelfile,
     check_parity,
     check_tokenizer_files,
     gguf_tensor_stats,
     gguf_tokenizer_summary,
-    go_template,
     hf_reference,
-    parse_modelfile,
     quantize,
-    render_go_template,
     to_gguf,
+)
+from lora_course.modelfile import (
+    DEFAULT_CONVERSATIONS,
+    check_modelfile,
+    go_template,
+    parse_modelfile,
+    render_go_template,
     write_modelfile,
 )
 from lora_course.models import tiny_model_dir
@@ -294,6 +297,22 @@ def test_write_modelfile_agrees_with_the_jinja_template(tiny_gguf, tiny_tok, tmp
     local.unlink()
 
 
+def test_write_modelfile_with_an_adapter_line_and_a_clear_error_for_missing_files(tiny_gguf, tiny_tok, tmp_path):
+    adapter = tiny_gguf.parent / "adapter-test.gguf"
+    adapter.write_bytes(b"GGUF")  # only its path goes into the Modelfile
+    try:
+        out = write_modelfile(tiny_gguf, tiny_tok, tiny_gguf.parent / "Modelfile.adapter", adapter=adapter)
+        spec = parse_modelfile(out.read_text())
+        assert spec["FROM"] == f"./{tiny_gguf.name}" and spec["ADAPTER"] == "./adapter-test.gguf"
+        assert check_modelfile(out, tiny_tok).ok
+        out.unlink()
+    finally:
+        adapter.unlink()
+    with pytest.raises(ExportError, match="adapter GGUF .* does not exist: write it first"):
+        write_modelfile(tiny_gguf, tiny_tok, tmp_path / "Modelfile", adapter=tmp_path / "nope.gguf")
+    assert not (tmp_path / "Modelfile").exists()
+
+
 def test_check_modelfile_catches_a_wrong_template_or_missing_stop(tiny_gguf, tiny_tok, tmp_path):
     text = write_modelfile(tiny_gguf, tiny_tok, tmp_path / "Modelfile").read_text()
     wrong = text.replace("{{ .Content }}<|im_end|>\n", "{{ .Content }}<|im_end|>")
@@ -358,7 +377,7 @@ def test_go_template_renderer(template, expected):
     msgs = [{"Role": m["role"], "Content": m["content"]} for m in MSGS]
     data = {"Messages": msgs, "System": "X", "Empty": [], "Missing": None}
     out: list[str] = []
-    export._go_exec(export._go_parse(template), data, {"$": data}, out)
+    modelfile._go_exec(modelfile._go_parse(template), data, {"$": data}, out)
     assert "".join(out) == expected
 
 
