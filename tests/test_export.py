@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_course import export
-from lora_course import modelfile
+from lora_course import export, modelfile
 from lora_course.export import (
     ExportError,
     OutputExistsError,
