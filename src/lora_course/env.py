@@ -44,8 +44,11 @@ def machine_info(decode_threads: int | None = None) -> dict[str, Any]:
         info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (OSError, ValueError):
         pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except (AssertionError, RuntimeError):  # a report is written even where CUDA answers but cannot start
+        pass
     try:
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
