@@ -50,6 +50,10 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
     "10_scaling_out": lambda m: (f"{m['processes']} processes; DDP/FSDP vs one process: loss within "
                                  f"{m['ddp_max_loss_diff_vs_one_process']:.0e}/{m['fsdp_max_loss_diff_vs_one_process']:.0e}"
                                  f"; traffic measured/computed {m['ddp_measured_over_computed_traffic']}"),
+    "11_training_in_practice": lambda m: (
+        f"clipped norm <= {m['max_grad_norm_after_clip']}; lr too high: loss x{m['diverged_loss_ratio']} (caught); "
+        f"QLoRA merge into dequantized/16-bit/re-quantized base: KL {abs(m['merge_b_dequantized_mean_kl']):.3f}"
+        f"/{m['merge_a_16bit_mean_kl']:.3f}/{m['merge_c_requantized_mean_kl']:.2f}"),
 }
 
 
