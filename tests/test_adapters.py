@@ -1,7 +1,7 @@
-"""lora_course.adapters on the tiny random Llama: registry mechanics, routing equality, bad input, caching."""
+"""lora_course.adapters (and lora_course.serving's measurements of it) on the tiny random Llama: registry mechanics,
+routing equality, the noise floor, bad input, the CLI."""
 import json
 import shutil
-import threading
 
 import pytest
 import torch
@@ -11,21 +11,20 @@ from lora_course.adapters import (
     BASE,
     AdapterCompatibilityError,
     AdapterFilesError,
-    AdapterRecipe,
     AdapterRegistry,
     AdapterRegistryError,
-    GreedyComparison,
-    compare_greedy,
-    course_adapter,
-    evaluate_matrix,
     is_unsloth_model,
     main,
-    mixed_vs_sequential,
-    noise_floor,
-    recipe_key,
 )
 from lora_course.adapters_io import save_adapter
 from lora_course.models import load_base, random_model_dir, tiny_model_dir
+from lora_course.serving import (
+    GreedyComparison,
+    compare_greedy,
+    evaluate_matrix,
+    mixed_vs_sequential,
+    noise_floor,
+)
 
 PROMPTS = [[{"role": "user", "content": "Convert 3 km to m. Answer in JSON."}],
            [{"role": "user", "content": "Write a three-line poem about the sea."}],
@@ -378,51 +377,6 @@ def test_unsloth_models_route_with_every_routed_adapter_active_in_every_layer(di
     torch.testing.assert_close(single, torch.cat([alone[0], alone[2]]), rtol=1e-4, atol=1e-4)
     assert {(tuple(m.active_adapters), m.disable_adapters) for m in layers} == {(("b",), False)}  # restored
     assert reg.generate(PROMPTS[:2], ["a", "b"], max_new_tokens=3)
-
-
-RECIPE = AdapterRecipe("creative", steps=3, lr=1e-3, batch_size=2, max_length=64)
-
-
-def test_course_adapter_is_trained_once_and_cached(tmp_path, monkeypatch):
-    model, tok = load_base("tiny")
-    monkeypatch.setenv("LORA_COURSE_CACHE", str(tmp_path))
-    probe = AdapterRegistry(model, tok).next_token_logits(PROMPTS)
-    first = course_adapter("creative", model, tok, recipe=RECIPE)
-    assert first.trained_now and len(first.losses) == 3 and first.seconds > 0
-    assert first.path.parent == tmp_path / "adapters" and (first.path / "COMPLETE.json").is_file()
-    assert _lora_count(model) == 0  # training left the base as it was
-    torch.testing.assert_close(AdapterRegistry(model, tok).next_token_logits(PROMPTS), probe)
-    again = course_adapter("creative", model, tok, recipe=RECIPE)
-    assert not again.trained_now and again.path == first.path and again.losses == first.losses
-    other = AdapterRecipe("creative", steps=4, lr=1e-3, batch_size=2, max_length=64)
-    assert recipe_key(other, model) != recipe_key(RECIPE, model)
-    (first.path / "adapter_model.safetensors").write_bytes(b"")  # damaged: rebuilt, never used
-    assert course_adapter("creative", model, tok, recipe=RECIPE).trained_now
-    assert not list((tmp_path / "adapters").glob(".*tmp*"))
-    reg = AdapterRegistry(model, tok)
-    reg.load("creative", first.path)
-    with pytest.raises(ValueError, match="already holds LoRA layers"):
-        course_adapter("creative", model, tok, recipe=RECIPE)
-    with pytest.raises(ValueError, match="unknown task"):
-        course_adapter("poetry", model, tok)
-
-
-def test_parallel_builders_train_once(tmp_path, monkeypatch):
-    bases = [load_base("tiny") for _ in range(2)]
-    monkeypatch.setenv("LORA_COURSE_CACHE", str(tmp_path))
-    results, barrier = [], threading.Barrier(2)
-
-    def build(m, t):
-        barrier.wait()
-        results.append(course_adapter("creative", m, t, recipe=RECIPE))
-
-    threads = [threading.Thread(target=build, args=b) for b in bases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(r.trained_now for r in results) == [False, True]
-    assert results[0].path == results[1].path
 
 
 def test_cli_builds_and_benchmarks(tmp_path, monkeypatch, capsys):

@@ -267,8 +267,10 @@ def adapter_figures(profile: str = "cpu", model_id: str | None = None, repeats: 
     The throughput is notebook 07's comparison (``rows`` prompts per adapter, ``new_tokens`` each, sequential =
     activate + generate per adapter), warmed up by a short run of both ways, then timed ``repeats`` times interleaved.
     """
-    from .adapters import AdapterRegistry, course_adapter, mixed_vs_sequential, timed_ms
+    from .adapters import AdapterRegistry
+    from .course_adapters import course_adapter
     from .data import TASKS, load_task, prompt_messages
+    from .serving import mixed_vs_sequential, timed_ms
 
     model, tok = _load(profile, model_id)
     paths = {t: course_adapter(t, model, tok, profile=profile, model_id=model_id).path for t in TASKS}
