@@ -36,3 +36,11 @@ def test_a_readme_without_a_block_says_how_to_add_it(tmp_path):
     (tmp_path / "README.md").write_text("# no blocks here\n")
     with pytest.raises(ValueError, match=r"no block 'bench-cpu'.*--write"):
         readme.check(tmp_path)
+
+
+def test_every_notebook_has_a_course_map_figure():
+    """A new notebook needs a LANE_METRICS line (README's course map and the site show it); a stale entry names a
+    notebook that no longer exists."""
+    stems = {p.stem for p in (readme.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    assert stems == set(readme.LANE_METRICS), (sorted(stems - set(readme.LANE_METRICS)),
+                                               sorted(set(readme.LANE_METRICS) - stems))

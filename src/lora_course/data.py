@@ -308,6 +308,36 @@ def collate(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def corrupt_answers(examples: list[dict[str, Any]], fraction: float, seed: int = 0) -> list[dict[str, Any]]:
+    """A copy of ``examples`` in which ``fraction`` of them (chosen by ``seed``) carry another chosen example's answer.
+
+    Label noise, as in a scraped data set: every answer is still a well-formed answer of the task, but it answers
+    another prompt. The chosen answers are rotated by one place among the chosen examples, so every chosen example
+    gets a different example's answer (a derangement); each keeps its own prompt and ``meta``, gets ``"corrupted":
+    True`` and keeps its id. The choice does not depend on the batch order of ``global_batches`` with the same
+    seed. The others are unchanged copies. ``fraction`` 0 changes nothing; at least 2 examples are
+    chosen otherwise (one cannot swap with itself).
+    """
+    import copy
+
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    out = copy.deepcopy(examples)
+    k = round(fraction * len(out))
+    if k == 0:
+        return out
+    if len(out) < 2:
+        raise ValueError("corrupting answers needs at least 2 examples (an answer moves to another prompt)")
+    # A stream of its own: random.Random(seed).sample draws the same numbers as the batches' shuffle of the same seed
+    # (global_batches), which puts exactly the chosen examples last, out of a short run's batches.
+    chosen = sorted(random.Random(f"corrupt-answers-{seed}").sample(range(len(out)), max(k, 2)))
+    answers = [examples[i]["messages"][-1]["content"] for i in chosen]
+    for j, i in enumerate(chosen):
+        out[i]["messages"][-1]["content"] = answers[(j + 1) % len(chosen)]
+        out[i]["corrupted"] = True
+    return out
+
+
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,13 +89,16 @@ class DivergenceGuard:
 def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: int, batch_size: int = 8,
               lr: float = 2e-3, schedule: str = "constant", warmup_steps: int = 0, max_grad_norm: float | None = None,
               seed: int = 0, max_length: int = 128, weight_decay: float = 0.0, optimizer: Any = None,
-              guard: DivergenceGuard | None = None, amp: str = "auto") -> RunLog:
+              guard: DivergenceGuard | None = None, amp: str = "auto",
+              on_step: Callable[[int], None] | None = None) -> RunLog:
     """Train the model's trainable parameters for ``steps`` AdamW steps with a schedule and optional clipping.
 
     ``schedule`` is a ``transformers.get_scheduler`` name (``SCHEDULES``), stepped once per optimizer step as
     ``Trainer`` does; ``max_grad_norm`` clips the total gradient norm before the step (None: no clipping). With a
     ``guard`` a diverging loss raises ``TrainingDiverged`` before its step is applied. fp16 models on a GPU train
     under autocast with a GradScaler (gradients unscaled before clipping), as ``train.train_steps`` does.
+    ``on_step(step)`` runs after each optimizer step, before the gradients are cleared, as in ``train.train_steps``:
+    AdaLoRA's ``model.base_model.update_and_allocate(step)`` reads the gradients there (notebook 12).
     """
     import torch
     from transformers import get_scheduler
@@ -159,6 +163,8 @@ def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps:
                 scaler.update()
                 log.skipped_steps += scaler.get_scale() < scale  # the scale drops only after a skipped step
             sched.step()
+            if on_step is not None:
+                on_step(step)
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
                 update = math.sqrt(sum((p.detach().float() - b.float()).pow(2).sum().item()

@@ -54,6 +54,10 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
         f"clipped norm <= {m['max_grad_norm_after_clip']}; lr too high: loss x{m['diverged_loss_ratio']} (caught); "
         f"QLoRA merge into dequantized/16-bit/re-quantized base: KL {abs(m['merge_b_dequantized_mean_kl']):.3f}"
         f"/{m['merge_a_16bit_mean_kl']:.3f}/{m['merge_c_requantized_mean_kl']:.2f}"),
+    "12_forgetting_data_and_variants": lambda m: (
+        f"other-task ppl {m['other_ppl_before']:.2f} -> full {m['full_other_ppl']:.2f} / LoRA {m['lora_other_ppl']:.2f}; "
+        f"data ppl clean/noisy/small {m['clean_ppl']:.2f}/{m['noisy_ppl']:.2f}/{m['small_ppl']:.2f}; AdaLoRA ranks "
+        f"{m['adalora_rank_min']}-{m['adalora_rank_max']}, total {m['adalora_total_rank']}/{m['adalora_budget']}"),
 }
 
 
