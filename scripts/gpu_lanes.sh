@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Both GPU lanes on the real model on the device tool's offline GPU machine, side by side (or one after the other with
+# SEQ=1), each lane's report merged with the previous call's (gpu_lane keeps the rows of an earlier run of the same
+# lane in its --out folder), so a course longer than one 10-minute call runs in groups of notebooks.
+#
+# Before, here:  bash ../shared/gpu/bundle.sh; bash scripts/gpu_llama_bundle.sh; bash scripts/gpu_stage_model.sh split
+#                cp results/gpu-lane-real-bf16.json .gpu/prev-bf16.json; cp results/gpu-lane-real-t4.json .gpu/prev-t4.json
+#                cp scripts/gpu_lanes.sh .gpu/
+# There, back to back (the machine and its /tmp last ~30 s after a call):
+#   carry .gpu-m1:  bash scripts/gpu_stage_model.sh put .gpu-m1
+#   carry .gpu-m2:  bash scripts/gpu_stage_model.sh put .gpu-m2
+#   carry .gpu:     W=5 OMP=2 bash .gpu/gpu_lanes.sh A 500 "notebooks/06*.ipynb notebooks/09*.ipynb" "notebooks/06*.ipynb notebooks/09*.ipynb"
+#   carry .gpu:     OMP=16 SEQ=1 bash .gpu/gpu_lanes.sh B 120 "notebooks/08*.ipynb" "notebooks/08*.ipynb" 08 tests
+# Arguments: TAG TIMEOUT(per lane, s) "bf16 lane notebooks" "T4 lane notebooks" [SOLO notebook numbers] [tests]
+# Output: $OUT/lanes-TAG.tgz (both lanes' gpu-lane.json/.md, logs, executed notebooks); copy each gpu-lane.json to
+# results/gpu-lane-real-{bf16,t4}.json and run `python -m lora_course.readme --write`.
+set -u
+TAG=$1 T=$2 NB1=$3 NB2=$4 SOLO=${5:-} TESTS=${6:-}
+t0=$(date +%s)
+mkdir -p /tmp/site && [ -f /tmp/site/.done ] || { tar -C /tmp/site -xzf .gpu/site312.tgz && tar -C /tmp -xzf .gpu/llama-extra.tgz && touch /tmp/site/.done; }
+export PYTHONPATH=$PWD/src:/tmp/site PATH=/tmp/site/bin:$PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LORA_COURSE_CACHE=/tmp/lcc
+export OMP_NUM_THREADS=${OMP:-8}
+python3 -m ipykernel install --user --name python3 >/dev/null 2>&1
+M=/tmp/lcc/models/SmolLM2-135M-Instruct-Q4_1-v1
+[ -f $M/config.json ] || bash scripts/gpu_stage_model.sh join || exit 3
+for l in bf16 t4; do mkdir -p /tmp/lane-$l; [ -f /tmp/lane-$l/gpu-lane.json ] || cp .gpu/prev-$l.json /tmp/lane-$l/gpu-lane.json; done
+echo "setup $(( $(date +%s) - t0 )) s"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; lscpu | grep -i 'model name'
+sk=--skip-tests; [ -n "$TESTS" ] && sk=
+so=; for s in $SOLO; do so="$so --solo $(ls notebooks/${s}_*.ipynb)"; done
+so1=$so; so2=$so
+run_bf16() { timeout $T python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
+run_t4() { timeout $T python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }
+if [ -n "${SEQ:-}" ]; then run_bf16; run_t4; else run_bf16 & run_t4 & wait; fi
+for l in bf16 t4; do echo "== $l"; grep -E '^(ok|FAILED|SKIPPED)|lane report|Error|error' /tmp/lane-$l/run-$TAG.log | tail -30; done
+tar -C /tmp --exclude='unsloth_compiled_cache' --exclude='*.gguf' --exclude='*.safetensors' --exclude='*.bin' -czf $OUT/lanes-$TAG.tgz lane-bf16 lane-t4
+ls -la $OUT; echo "total $(( $(date +%s) - t0 )) s"
