@@ -16,7 +16,7 @@ import pytest
 from lora_course.data import global_batches
 from lora_course.distributed import (
     DistributedConfigError,
-    RunConfig,
+    LaunchConfig,
     RunResult,
     WrapError,
     check_devices,
@@ -52,11 +52,11 @@ def _env():
 # --------------------------------------------------------------------------------------- bad input
 def test_unknown_strategy_is_refused_with_the_choices():
     with pytest.raises(DistributedConfigError, match=r"unknown strategy 'zero3'.*ddp, fsdp"):
-        RunConfig(strategy="zero3")
+        LaunchConfig(strategy="zero3")
     with pytest.raises(DistributedConfigError, match="per_device_batch must be a positive integer"):
-        RunConfig(per_device_batch=0)
+        LaunchConfig(per_device_batch=0)
     with pytest.raises(DistributedConfigError, match="fail_rank=2 is not a rank"):
-        RunConfig(num_processes=2, fail_rank=2)
+        LaunchConfig(num_processes=2, fail_rank=2)
 
 
 def test_more_processes_than_gpus_is_refused():
@@ -180,11 +180,11 @@ def test_batch_plan_and_lr_rules():
 # --------------------------------------------------------------------------------- multi-process
 _EQUALITY = """
 import sys
-from lora_course.distributed import RunConfig, launch
+from lora_course.distributed import LaunchConfig, launch
 out = sys.argv[1]
 # Several processes first: notebook_launcher forks, and refuses once peft/bitsandbytes are imported here.
-launch(RunConfig("fsdp", 2, per_device_batch=1, grad_accum=2, steps=3, output_dir=out + "/fsdp2"))
-launch(RunConfig("ddp", 1, per_device_batch=4, steps=3, output_dir=out + "/one"))
+launch(LaunchConfig("fsdp", 2, per_device_batch=1, grad_accum=2, steps=3, output_dir=out + "/fsdp2"))
+launch(LaunchConfig("ddp", 1, per_device_batch=4, steps=3, output_dir=out + "/one"))
 """
 
 
@@ -266,9 +266,9 @@ def test_per_rank_bytes_and_traffic_match_the_estimates(runs, tiny):
 
 _FAIL = """
 import sys
-from lora_course.distributed import DistributedRunError, RunConfig, launch
+from lora_course.distributed import DistributedRunError, LaunchConfig, launch
 try:
-    launch(RunConfig("fsdp", 2, steps=3, fail_rank=1, output_dir=sys.argv[1]))
+    launch(LaunchConfig("fsdp", 2, steps=3, fail_rank=1, output_dir=sys.argv[1]))
 except DistributedRunError as e:
     print("CAUGHT", e)
 """
@@ -303,15 +303,15 @@ def test_run_with_failing_rank_injects_the_failure_and_returns_the_error(monkeyp
             raise distributed.DistributedRunError(f"First failure, rank{cfg.fail_rank}:\ninjected failure")
 
     monkeypatch.setattr(distributed, "launch", fake_launch)
-    error, seconds = distributed.run_with_failing_rank(RunConfig("fsdp", 2, per_device_batch=1))
+    error, seconds = distributed.run_with_failing_rank(LaunchConfig("fsdp", 2, per_device_batch=1))
     assert error.startswith("First failure, rank1:") and seen[-1].fail_rank == 1 and seen[-1].fail_step == 1
     assert 0 <= seconds < 5
-    error, _ = distributed.run_with_failing_rank(RunConfig("ddp", 3), fail_rank=0, fail_step=2)
+    error, _ = distributed.run_with_failing_rank(LaunchConfig("ddp", 3), fail_rank=0, fail_step=2)
     assert "rank0:" in error and (seen[-1].fail_rank, seen[-1].fail_step, seen[-1].num_processes) == (0, 2, 3)
-    assert distributed.run_with_failing_rank(RunConfig("ddp", 2, task="ok"))[0] is None
+    assert distributed.run_with_failing_rank(LaunchConfig("ddp", 2, task="ok"))[0] is None
     n = len(seen)
     with pytest.raises(DistributedConfigError, match="fail_rank=2 is not a rank of a 2-process run"):
-        distributed.run_with_failing_rank(RunConfig("ddp", 2), fail_rank=2)
+        distributed.run_with_failing_rank(LaunchConfig("ddp", 2), fail_rank=2)
     assert len(seen) == n, "nothing is launched for a bad rank"
 
 

@@ -19,8 +19,8 @@ from lora_course.targets import (
     check_target_modules,
     check_trainable,
     discover_targets,
-    linear_layer_names,
     linear_layers,
+    linear_name_counts,
     lora_parameter_count,
     module_type,
     recommend_lora_rank,
@@ -85,7 +85,7 @@ def test_gpt2_needs_fan_in_fan_out_and_qualified_c_proj():
 def test_lm_head_is_never_a_target(tiny):
     model, _ = tiny
     assert "lm_head" not in linear_layers(model)
-    assert "lm_head" not in linear_layer_names(model)
+    assert "lm_head" not in linear_name_counts(model)
     assert set(target_modules_for(model)) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"}
     assert target_modules_for(model, "attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]

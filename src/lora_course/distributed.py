@@ -55,7 +55,7 @@ class DistributedRunError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class LaunchConfig:
     """One distributed LoRA run. Global batch = ``per_device_batch x num_processes x grad_accum``."""
 
     strategy: str = "ddp"  # ddp | fsdp
@@ -296,7 +296,7 @@ def _sent_bytes() -> int:
     raise RuntimeError("/proc/self/io has no wchar line")
 
 
-def _build_model(cfg: RunConfig, device: str) -> tuple[Any, Any]:
+def _build_model(cfg: LaunchConfig, device: str) -> tuple[Any, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -358,7 +358,7 @@ def shard_model(peft_model: Any, world_size: int, device: str, wrap_class: str |
     return root
 
 
-def _process_info(cfg: RunConfig) -> tuple[int, int, str, Any]:
+def _process_info(cfg: LaunchConfig) -> tuple[int, int, str, Any]:
     """(rank, world size, device, accelerate state or None). One process without a launcher needs no group."""
     import torch
 
@@ -371,7 +371,7 @@ def _process_info(cfg: RunConfig) -> tuple[int, int, str, Any]:
     return state.process_index, state.num_processes, str(state.device), state
 
 
-def train_worker(cfg: RunConfig) -> None:
+def train_worker(cfg: LaunchConfig) -> None:
     """Everything one rank does: build, wrap, train on its slice of each global batch, evaluate, save, report.
 
     A rank that fails writes its traceback to ``output_dir/error-rank<r>.txt`` first, so that the launcher can
@@ -397,7 +397,7 @@ def train_worker(cfg: RunConfig) -> None:
         raise
 
 
-def _train(cfg: RunConfig) -> None:
+def _train(cfg: LaunchConfig) -> None:
     import contextlib
 
     import torch
@@ -427,7 +427,7 @@ def _train(cfg: RunConfig) -> None:
     model.train()
     for step, batch_idx in enumerate(global_batches(len(feats), cfg.global_batch, cfg.steps, cfg.seed)):
         if cfg.fail_rank == rank and step == cfg.fail_step:
-            raise RuntimeError(f"injected failure on rank {rank} at step {step} (RunConfig.fail_rank)")
+            raise RuntimeError(f"injected failure on rank {rank} at step {step} (LaunchConfig.fail_rank)")
         n_tokens = sum(answer_tokens(feats[i]) for i in batch_idx)  # of the whole global batch: same on all ranks
         micro = rank_micro_batches(batch_idx, rank, world, cfg.grad_accum)
         w0, local_sum = _sent_bytes(), 0.0
@@ -488,7 +488,7 @@ def first_error(output_dir: str | Path) -> str | None:
     return f"{who}:\n{text}"
 
 
-def launch(cfg: RunConfig) -> RunResult:
+def launch(cfg: LaunchConfig) -> RunResult:
     """Run ``cfg`` on ``cfg.num_processes`` processes with ``accelerate.notebook_launcher``; return rank 0's result.
 
     One process runs here, in this process. Several are forked, so call it before this process touches a GPU or
@@ -512,7 +512,7 @@ def launch(cfg: RunConfig) -> RunResult:
     return RunResult.load(cfg.output_dir)
 
 
-def run_with_failing_rank(cfg: RunConfig, fail_rank: int | None = None, fail_step: int = 1) -> tuple[str | None, float]:
+def run_with_failing_rank(cfg: LaunchConfig, fail_rank: int | None = None, fail_step: int = 1) -> tuple[str | None, float]:
     """Launch ``cfg`` with one rank made to raise at ``fail_step`` (default: the last rank) and time the launch.
 
     Returns ``(error, seconds)``: the ``DistributedRunError`` text (the first failure: that rank's own traceback),
@@ -531,7 +531,7 @@ def run_with_failing_rank(cfg: RunConfig, fail_rank: int | None = None, fail_ste
 
 
 def _parser() -> argparse.ArgumentParser:
-    d = RunConfig()
+    d = LaunchConfig()
     p = argparse.ArgumentParser(
         prog="python -m lora_course.distributed",
         description="LoRA on several processes with DDP or FSDP2. Under `accelerate launch` (or torchrun) each "
@@ -551,7 +551,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
-    cfg = RunConfig(**args)
+    cfg = LaunchConfig(**args)
     if "LOCAL_RANK" in os.environ:  # started by accelerate launch / torchrun: this process is one rank
         train_worker(cfg)
         return 0

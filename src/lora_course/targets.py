@@ -132,7 +132,7 @@ def linear_layers(model: Any) -> dict[str, Any]:
     return out
 
 
-def linear_layer_names(model: Any) -> dict[str, int]:
+def linear_name_counts(model: Any) -> dict[str, int]:
     """The distinct short names of the model's Linear layers (what ``target_modules`` takes) and how many each.
 
     A short name is the module's last name component, e.g. ``q_proj`` for ``model.layers.3.self_attn.q_proj``;
@@ -294,7 +294,7 @@ def check_target_modules(model: Any, target_modules: str | Sequence[str]) -> dic
         model_type = getattr(getattr(_unwrap(model), "config", None), "model_type", "?")
         raise TargetModuleError(
             f"target module(s) {missing} match no layer of this {model_type!r} model; "
-            f"{_describe_linear_layers(model)}. Available target names: {', '.join(linear_layer_names(model))}.")
+            f"{_describe_linear_layers(model)}. Available target names: {', '.join(linear_name_counts(model))}.")
     return found
 
 
@@ -514,8 +514,8 @@ __all__ = [
     "check_target_modules",
     "check_trainable",
     "discover_targets",
-    "linear_layer_names",
     "linear_layers",
+    "linear_name_counts",
     "lora_parameter_count",
     "matched_modules",
     "module_type",
