@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .memory import _rss
 from .procs import run_module
 from .shapes import ALL_LINEAR, ModelShape
 
@@ -246,14 +247,6 @@ def conversations(tokenizer: Any, lengths: list[int], max_length: int, seed: int
 
 
 # ------------------------------------------------------------------------------------------------ running
-def _rss(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def length_grouped(rows: list[dict[str, list[int]]], warmup_rows: int, used_rows: int) -> list[dict[str, list[int]]]:
     """The same rows with the warm-up's and the measured steps' sequences each sorted by length, longest first.
 
@@ -297,7 +290,7 @@ def run_config(config: BenchConfig, source: str, rows: list[dict[str, list[int]]
     if not cuda and os.path.exists("/proc/self/clear_refs"):
         with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS to the current RSS
             f.write("5")
-    rss0 = _rss("VmRSS")
+    rss0 = _rss("VmRSS") if fresh_process and not cuda else 0  # Linux's /proc: the CPU peak of a fresh process
     held0 = torch.cuda.memory_allocated() if cuda else 0  # left by an earlier run in this process (0 in a fresh one)
     model, tok = load_for_sft(recipe, source, seed=seed)
     shape = ModelShape.from_config(model.config)
