@@ -67,6 +67,8 @@ def test_corrupt_answers_moves_answers_to_other_prompts():
     assert 0.3 < share < 0.7, share  # 64 draws of a 50% share: sd 0.0625, so +-0.2 is beyond 3 sd
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         corrupt_answers(exs, 1.5)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        corrupt_answers(exs[:1], 1.0)  # one example cannot take another's answer
 
 
 def test_train_run_calls_on_step_after_the_step_with_gradients_present(tiny):
