@@ -109,7 +109,7 @@ def test_installed_llama_cpp_has_no_amx_and_matches_this_cpus_tier():
 
 @needs_llama
 def test_llama_cpp_decodes_quantized_ggufs_in_a_child_process():
-    from lora_course.export import llama_cpp_check
+    from lora_course.llama_runtime import llama_cpp_check
 
     rep = llama_cpp_check()
     assert rep["ok"], rep
@@ -119,10 +119,11 @@ def test_llama_cpp_decodes_quantized_ggufs_in_a_child_process():
 @needs_llama
 def test_llama_cpp_check_names_the_crash_and_the_fix(monkeypatch):
     """A child that dies of a signal (as the AMX build did) is reported with the signal and the rebuild command."""
-    from lora_course import export
+    from lora_course import llama_runtime
 
-    monkeypatch.setattr(export, "_PROBE_CHILD", "import os, signal; print('{\"system_info\": \"AMX_INT8 = 1\"}', "
-                                                "flush=True); os.kill(os.getpid(), signal.SIGSEGV)")
-    rep = export.llama_cpp_check()
+    monkeypatch.setattr(llama_runtime, "_PROBE_CHILD",
+                        "import os, signal; print('{\"system_info\": \"AMX_INT8 = 1\"}', "
+                        "flush=True); os.kill(os.getpid(), signal.SIGSEGV)")
+    rep = llama_runtime.llama_cpp_check()
     assert not rep["ok"] and rep["amx"]
     assert "SIGSEGV" in rep["detail"] and "llama_build.py --install" in rep["fix"], rep

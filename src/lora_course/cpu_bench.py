@@ -22,8 +22,9 @@ of **medians**; the spread (min, max) of every measured quantity is recorded wit
 machine (CPU model, avx2/avx512f/avx512_bf16/amx, cores, torch threads, date). Torch figures run with the thread
 count the course's notebooks use (``OMP_NUM_THREADS``, 1 under ``make``); the decode comparison gives both
 engines every core (``--decode-threads``), as notebook 08 does. Every measurement reuses the package's own
-functions (``adapters``, ``lora``, ``bench``, ``export``); ``time_forwards`` and ``matmul_flops`` are shared with
-notebook 01. The exit status is 0 whether or not targets are met (a benchmark reports), 1 if a group failed to run.
+functions (``adapters``, ``lora``, ``bench``, ``export``, ``gguf_quant``, ``parity``); ``time_forwards`` and
+``matmul_flops`` are shared with notebook 01. The exit status is 0 whether or not targets are met (a benchmark
+reports), 1 if a group failed to run.
 """
 from __future__ import annotations
 
@@ -350,9 +351,10 @@ def sft_figures(profile: str = "cpu", model_id: str | None = None, repeats: int 
 def decode_gguf_files(source: str | Path, quants: Sequence[str] = ("Q8_0", "Q4_K_M")) -> dict[str, Path]:
     """The base model's F32 GGUF (notebook 08's ``base-<name>-f32.gguf``) and its quantizations, in the course cache.
 
-    Built once (``export.to_gguf``, ``export.quantize``); a file at its path is complete (written and renamed).
+    Built once (``export.to_gguf``, ``gguf_quant.quantize``); a file at its path is complete (written and renamed).
     """
-    from .export import quantize, to_gguf
+    from .export import to_gguf
+    from .gguf_quant import quantize
     from .paths import cache_dir
 
     folder = cache_dir() / "exports"
@@ -375,7 +377,7 @@ def decode_figures(profile: str = "cpu", model_id: str | None = None, repeats: i
 
     from .data import load_task, prompt_messages
     from .evaluate import chat_prompts
-    from .export import gguf_tokens_per_second, hf_tokens_per_second
+    from .parity import gguf_tokens_per_second, hf_tokens_per_second
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -72,8 +72,8 @@ def doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = F
 
     The CPU's flags are part of it because some kernels depend on them: bitsandbytes' CPU 4-bit kernels change
     layout and precision on AVX512-BF16 CPUs, and llama.cpp built with AMX crashed on quantized models (issue 28).
-    ``check_llama`` decodes small Q8_0 and Q4_K_M GGUFs in a child process (``export.llama_cpp_check``) and says
-    what to do when that fails; ``check_bnb`` measures bitsandbytes' CPU 4-bit kernels (``nf4.bnb_cpu_report``).
+    ``check_llama`` decodes small Q8_0 and Q4_K_M GGUFs in a child process (``llama_runtime.llama_cpp_check``) and
+    says what to do when that fails; ``check_bnb`` measures bitsandbytes' CPU 4-bit kernels (``nf4.bnb_cpu_report``).
     """
     import platform as _platform
 
@@ -115,7 +115,7 @@ def doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = F
                                           f"{bnb['forward']['eval_forward_dtype']}"
                                           if bnb["forward"]["eval_forward_repacks"] else "float32, weight unchanged")
     if check_llama:
-        from .export import llama_cpp_check
+        from .llama_runtime import llama_cpp_check
 
         rep = llama_cpp_check()
         report["llama_cpp_decodes_quantized"] = rep["ok"]
