@@ -28,8 +28,15 @@ echo "setup $(( $(date +%s) - t0 )) s"; nvidia-smi --query-gpu=name,memory.total
 sk=--skip-tests; [ -n "$TESTS" ] && sk=
 so=; for s in $SOLO; do so="$so --solo $(ls notebooks/${s}_*.ipynb)"; done
 so1=$so; so2=$so
-run_bf16() { timeout $T python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
-run_t4() { timeout $T python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }
+# Side by side, each lane runs on its own half of the CPUs (taskset): notebook 08 sizes llama.cpp's and torch's thread
+# pools by the CPUs it may use (hardware.usable_cpus), so two 08s on one 16-core host no longer start 32 spinning
+# threads (on 2026-12-06 both lanes' 08 stalled in the speed cell that way and ran into the call's limit).
+pin1= pin2=
+if [ -z "${SEQ:-}" ] && command -v taskset >/dev/null; then
+  n=$(nproc); h=$(( n / 2 )); [ "$h" -ge 1 ] && { pin1="taskset -c 0-$(( h - 1 ))"; pin2="taskset -c $h-$(( n - 1 ))"; }
+fi
+run_bf16() { timeout $T $pin1 python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
+run_t4() { timeout $T $pin2 python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }
 if [ -n "${SEQ:-}" ]; then run_bf16; run_t4; else run_bf16 & run_t4 & wait; fi
 for l in bf16 t4; do echo "== $l"; grep -E '^(ok|FAILED|SKIPPED)|lane report|Error|error' /tmp/lane-$l/run-$TAG.log | tail -30; done
 tar -C /tmp --exclude='unsloth_compiled_cache' --exclude='*.gguf' --exclude='*.safetensors' --exclude='*.bin' -czf $OUT/lanes-$TAG.tgz lane-bf16 lane-t4

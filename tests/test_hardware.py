@@ -393,7 +393,7 @@ def test_lane_in_groups_ends_as_one_report_and_runs_solo_notebooks_last_with_eve
     monkeypatch.setattr(gpu_lane, "_describe_lane", lambda env, model_id: {
         "device": "H200", "gpus": 1, "dtype": "bfloat16", "capability": (9, 0), "memory_gib": 139.8,
         "pretrained": True})
-    monkeypatch.setattr(gpu_lane.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(gpu_lane, "usable_cpus", lambda: 16)
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -428,3 +428,16 @@ def test_lane_in_groups_ends_as_one_report_and_runs_solo_notebooks_last_with_eve
     assert [r["notebook"] for r in doc["notebooks"]] == ["00_a.ipynb"] and doc["profile"] == "colab"
     with pytest.raises(SystemExit):
         gpu_lane.main([*common, "--workers", "0", str(nbs["00_a"])])
+
+
+def test_usable_cpus_follows_the_affinity_mask(monkeypatch):
+    """Thread pools are sized by the CPUs this process may use (a taskset or container limit), not the host's count."""
+    from lora_course import hardware
+
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {8, 9, 10, 11, 12, 13, 14, 15}, raising=False)
+    assert hardware.usable_cpus() == 8
+    monkeypatch.delattr(hardware.os, "sched_getaffinity")  # macOS, Windows
+    assert hardware.usable_cpus() == 16
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: None)
+    assert hardware.usable_cpus() == 1

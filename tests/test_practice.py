@@ -115,6 +115,24 @@ def test_guard_check_and_its_message():
             DivergenceGuard(bad)
 
 
+def test_guard_stops_a_run_worse_than_a_uniform_guess_below_the_ratio():
+    # the GPU lane deciding as a T4 (fp16 with loss scaling), notebook 11 at lr=0.3: the losses it measured
+    t4 = [5.128, 14.507, 14.180, 14.282, 14.096, 14.306, 13.913, 14.318]
+    ratio_only = DivergenceGuard(3.0)
+    assert all(ratio_only.check(i, x, t4[0], 0.3, None, 0) is None for i, x in enumerate(t4))  # 2.8x: missed
+    guard = DivergenceGuard(3.0, vocab_size=49152)
+    assert guard.uniform_limit == pytest.approx(math.log(49152) + math.log(3.0))  # 11.90
+    msg = guard.check(1, t4[1], t4[0], 0.3, None, 0)
+    assert msg is not None and "step 1" in msg and "uniform guess over 49152 tokens" in msg and "10.80" in msg
+    assert "lower the learning rate" in msg
+    # healthy runs pass: a pretrained model well below the uniform guess, a random init within tenths of it
+    assert guard.check(1, 3.36, 5.13, 2e-3, 1.0, 2) is None
+    assert guard.check(3, 11.2, 10.9, 1e-3, None, 0) is None and guard.check(3, 12.0, 10.9, 1e-3, None, 0) is not None
+    for bad in (1, 0, 2.5, "49152"):
+        with pytest.raises(ValueError, match="vocab_size"):
+            DivergenceGuard(3.0, vocab_size=bad)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"schedule": "cosine_restarts"}, "unknown schedule"),
     ({"schedule": "constant", "warmup_steps": 1}, "constant_with_warmup"),

@@ -16,6 +16,7 @@ def test_a_changed_source_figure_is_caught(tmp_path):
     (tmp_path / "results").mkdir()
     for f in [readme.ROOT / "README.md", *(readme.ROOT / "results").glob("*.json")]:
         shutil.copy(f, tmp_path / ("README.md" if f.name == "README.md" else f"results/{f.name}"))
+    shutil.copytree(readme.ROOT / "notebooks", tmp_path / "notebooks")  # the lanes' blocks name notebooks not run
     assert readme.check(tmp_path) == []
     bench = tmp_path / "results" / "bench-cpu.json"
     doc = json.loads(bench.read_text())
@@ -44,3 +45,18 @@ def test_every_notebook_has_a_course_map_figure():
     stems = {p.stem for p in (readme.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
     assert stems == set(readme.LANE_METRICS), (sorted(stems - set(readme.LANE_METRICS)),
                                                sorted(set(readme.LANE_METRICS) - stems))
+
+
+def test_a_notebook_missing_from_a_lane_file_is_named(tmp_path):
+    """A notebook that did not finish in a GPU lane (no row in its file) is named under the lane's table."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    for name in ("00_a.ipynb", "01_b.ipynb"):
+        (tmp_path / "notebooks" / name).write_text("{}")
+    row = {"notebook": "00_a.ipynb", "ok": True, "seconds": 1.0, "metrics": {}, "error": "", "skipped": "",
+           "status": "ok"}
+    doc = {"device": "GPU", "profile": "gpu", "emulate": None, "dtype": "bfloat16", "pretrained": True,
+           "model_id": "/m", "date": "d", "passed": 1, "failed": 0, "skipped": 0, "notebooks": [row]}
+    (tmp_path / "results" / "gpu-lane-real-x.json").write_text(json.dumps(doc))
+    text = readme.render_gpu_lanes(tmp_path)
+    assert "Not in this run (no finished result in the file): `01_b.ipynb`" in text and "`00_a.ipynb`" not in text

@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import operator
-import os
 import statistics
 import subprocess
 import sys
@@ -377,9 +376,10 @@ def decode_figures(profile: str = "cpu", model_id: str | None = None, repeats: i
 
     from .data import load_task, prompt_messages
     from .evaluate import chat_prompts
+    from .hardware import usable_cpus
     from .parity import gguf_tokens_per_second, hf_tokens_per_second
 
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cpus()
     torch.set_num_threads(threads)
     model, tok = _load(profile, model_id)
     info = model.lora_course_info

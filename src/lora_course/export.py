@@ -74,9 +74,11 @@ class UnknownQuantizationError(ExportError, ValueError):
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _threads() -> int:
-    """Threads for llama.cpp: ``OMP_NUM_THREADS`` when set (the course runs one per process), else all cores."""
+    """Threads for llama.cpp: ``OMP_NUM_THREADS`` when set (the course runs one per process), else every usable CPU."""
+    from .hardware import usable_cpus
+
     env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
+    return int(env) if env.isdigit() and int(env) > 0 else usable_cpus()
 
 
 def _check_destination(out_path: Path, overwrite: bool) -> Path:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .course import NotebookRun, run_notebook, schedule, write_report
-from .hardware import EMULATE_ENV, EMULATIONS
+from .hardware import EMULATE_ENV, EMULATIONS, usable_cpus
 from .notebook import parameter_names
 
 LANE_PROFILES: tuple[str, ...] = ("gpu", "colab", "kaggle", "auto")
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[NotebookRun] = []
     lock = threading.Lock()
     together, alone = schedule(sorted(a.notebooks), a.solo)
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // a.workers))
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, usable_cpus() // a.workers))
 
     def run(nb: Path, omp: str) -> NotebookRun:
         params = lane_parameters(nb, a.profile, model_id, lane["gpus"])
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=a.workers) as pool:
         list(pool.map(lambda nb: run(nb, threads), together))
     for nb in alone:
-        run(nb, os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1))
+        run(nb, os.environ.get("OMP_NUM_THREADS") or str(usable_cpus()))
     runs = merge_runs(earlier, runs)
     print(f"report: {write_report(runs, a.out)}")
     rc = 0 if all(r.ok for r in runs) else 1  # an earlier group's failure still fails the lane

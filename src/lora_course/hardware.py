@@ -55,6 +55,17 @@ EMULATIONS: dict[str, Emulation] = {
 }
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (a container's or ``taskset``'s limit,
+    a Kaggle or Colab VM's share), else ``os.cpu_count()``. Thread pools sized by ``os.cpu_count()`` on a machine
+    shared by several processes oversubscribe it: seen on the GPU lane, where two notebook 08s each ran llama.cpp on
+    all 16 cores of a 16-core host and neither finished its speed cell within 230 s (alone: 95 s for the notebook)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def emulation() -> Emulation | None:
     """The emulation ``LORA_COURSE_EMULATE`` asks for (None when unset or empty); an unknown value raises."""
     raw = os.environ.get(EMULATE_ENV, "").strip().lower()

@@ -57,26 +57,48 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class DivergenceGuard:
-    """Stop a run whose loss is not finite or exceeds ``factor`` times its first loss.
+    """Stop a run whose loss is not finite, exceeds ``factor`` times its first loss, or (given ``vocab_size``) is worse
+    than a uniform guess over the vocabulary by more than that factor: above log(vocab_size) + log(factor).
 
     Why a ratio to the first loss: in a healthy run the loss of a batch stays near or below the first one (notebook
     11's runs: never above 1.05x), so a factor of a few is far outside that noise, while a diverging run passes it
-    within a few steps (there: 4-8x at the second step) and climbs on towards inf/nan.
+    within a few steps (there, at lr=0.3 before the second limit existed: 4.1x and 8.1x on a CPU, 3.6x and 3.3x in
+    bf16 on a GPU) and climbs on towards inf/nan.
+    Why the uniform guess as well: a ratio to the first loss misses a run that blows up from a high first loss and
+    then stays put. In fp16 with loss scaling (the GPU lane deciding as a T4) the same bad rate took the loss from 5.13
+    to 14.5 at the second step and held it at ~14.3: only 2.8x the first, yet above log(49152) = 10.80, the loss of
+    a model that knows nothing. A model starting near that loss (a random init) is healthy within a few tenths of it;
+    log(factor) (1.1 nats for 3x: a third of the uniform guess's probability on the targets) is far outside that.
     """
 
     factor: float = 3.0
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.factor, (int, float)) and self.factor > 1):
             raise ValueError(f"DivergenceGuard factor must be a number > 1 (times the first loss), got {self.factor!r}")
+        if self.vocab_size is not None and not (isinstance(self.vocab_size, int) and self.vocab_size > 1):
+            raise ValueError(f"DivergenceGuard vocab_size must be an integer > 1 (the model's output vocabulary, "
+                             f"model.config.vocab_size) or None, got {self.vocab_size!r}")
+
+    @property
+    def uniform_limit(self) -> float | None:
+        """The loss above which the model does worse than a uniform guess by more than ``factor`` (None: not used)."""
+        return None if self.vocab_size is None else math.log(self.vocab_size) + math.log(self.factor)
 
     def check(self, step: int, loss: float, first: float, lr: float, max_grad_norm: float | None,
               warmup_steps: int) -> str | None:
         """None while training is healthy; else the message saying what happened and what to change."""
-        if math.isfinite(loss) and loss <= self.factor * first:
+        limit = self.uniform_limit
+        if math.isfinite(loss) and loss <= self.factor * first and (limit is None or loss <= limit):
             return None
-        what = (f"loss is {loss}" if not math.isfinite(loss) else
-                f"loss {loss:.2f} is {loss / first:.1f}x the first step's {first:.2f} (limit {self.factor:g}x)")
+        if not math.isfinite(loss):
+            what = f"loss is {loss}"
+        elif loss > self.factor * first:
+            what = f"loss {loss:.2f} is {loss / first:.1f}x the first step's {first:.2f} (limit {self.factor:g}x)"
+        else:
+            what = (f"loss {loss:.2f} is worse than a uniform guess over {self.vocab_size} tokens (log V = "
+                    f"{math.log(self.vocab_size):.2f}) by more than {self.factor:g}x (limit {limit:.2f})")
         fixes = [f"lower the learning rate (now {lr:.2g}; LoRA trains at 1e-4 to 2e-3)"]
         if not warmup_steps:
             fixes.append("warm up over the first 5-10% of the steps (warmup_steps)")

@@ -88,6 +88,11 @@ def render_gpu_lanes(root: Path = ROOT) -> str:
                 f"{doc['passed']} ok, {doc['failed']} failed, {doc['skipped']} skipped")
         out += [what, "", "| notebook | status | s | measured |", "|---|---|---|---|"]
         out += [_lane_row(r) for r in doc["notebooks"]]
+        # a notebook of the course with no row in this lane's file did not finish there: say so, never leave it out
+        ran = {r["notebook"] for r in doc["notebooks"]}
+        missing = sorted(nb.name for nb in (root / "notebooks").glob("[0-9][0-9]_*.ipynb") if nb.name not in ran)
+        if missing:
+            out += ["", "Not in this run (no finished result in the file): " + ", ".join(f"`{m}`" for m in missing)]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
