@@ -85,3 +85,10 @@ def test_train_run_calls_on_step_after_the_step_with_gradients_present(tiny):
 
     train_run(peft_model, tok, load_task("creative", "train")[:8], steps=3, batch_size=2, on_step=on_step)
     assert seen == [(0, True), (1, True), (2, True)]
+
+
+def test_each_answer_nll_is_that_examples_course_perplexity(tiny):
+    model, tok = tiny
+    exs = load_task("code", "eval")[:3]
+    for (s, n), ex in zip(answer_nlls(model, tok, exs), exs):
+        assert s / n == pytest.approx(math.log(perplexity(model, tok, [ex], batch_size=1)), rel=1e-5)

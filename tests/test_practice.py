@@ -209,3 +209,31 @@ def test_logit_gap():
     assert full["max_abs"] == pytest.approx(10.0) and full["mean_kl"] > 0 and full["top1_agree"] == pytest.approx(0.9)
     with pytest.raises(ValueError, match="same batch"):
         logit_gap(ref, ref[:, :4])
+
+
+def test_answer_loss_is_the_models_own_loss_on_fewer_logits(tiny_lora, examples):
+    from lora_course.data import collate, tokenize_example
+    from lora_course.practice import answer_logits, answer_loss
+
+    model, tok = tiny_lora
+    batch = collate([tokenize_example(tok, ex, 128) for ex in examples[:4]], tok.pad_token_id)
+    logits, targets = answer_logits(model, batch)
+    kept = int((batch["labels"][:, 1:] != -100).any(0).sum())
+    assert logits.shape[:2] == targets.shape == (4, kept) and kept < batch["input_ids"].shape[1] - 1
+    assert int((targets != -100).sum()) == int((batch["labels"] != -100).sum())  # every answer token is scored
+    with torch.no_grad():
+        ours, theirs = answer_loss(model, batch).item(), model(**batch).loss.item()
+    assert ours == pytest.approx(theirs, rel=1e-5)  # float32 rounding of another matmul shape
+
+    class NoKeep(torch.nn.Module):  # a model whose forward takes no logits_to_keep: every position is scored
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids=None, attention_mask=None, labels=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    logits_all, targets_all = answer_logits(NoKeep(), batch)
+    assert logits_all.shape[1] == targets_all.shape[1] == batch["input_ids"].shape[1] - 1
+    with torch.no_grad():
+        assert answer_loss(NoKeep(), batch).item() == pytest.approx(theirs, rel=1e-5)

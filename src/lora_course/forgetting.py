@@ -3,8 +3,8 @@
 Every comparison of notebook 12 (full fine-tuning against LoRA, clean against corrupted data, few against many
 examples) is a change of answer perplexity on the same held-out examples. Two numbers make such a change readable:
 
-- ``answer_nlls``: each example's summed answer loss (nats) and its number of answer tokens, measured with
-  ``evaluate.perplexity`` one example at a time (so the course's one perplexity function defines both), and
+- ``answer_nlls``: each example's summed answer loss (nats) and its number of answer tokens, one example at a time
+  (the same loss as ``evaluate.perplexity``, which the tests check), and
 - ``perplexity_change``: the change of log-perplexity between two such measurements on the same examples, with its
   **paired standard error** over the examples: the noise floor of the comparison. Log-perplexity is the
   token-weighted mean loss, a ratio of sums over examples, sum(nll) / sum(tokens); its change is the ratio
@@ -21,19 +21,33 @@ from typing import Any
 
 def answer_nlls(model: Any, tokenizer: Any, examples: list[dict[str, Any]],
                 max_length: int = 256) -> list[tuple[float, int]]:
-    """``(summed answer loss in nats, answer tokens)`` of each example: log(perplexity) x tokens, one example at a time
-    through ``evaluate.perplexity`` (the tokens counted as it counts them: labels after the shift)."""
-    from .data import tokenize_example
-    from .evaluate import perplexity
+    """``(summed answer loss in nats, answer tokens)`` of each example, one example at a time, the output layer run only
+    where an answer token is read (``practice.answer_logits``): log(perplexity) x tokens of ``evaluate.perplexity``
+    on that example, to float rounding (tests/test_forgetting.py checks the sum against it)."""
+    import torch
 
+    from .data import collate, tokenize_example
+    from .practice import answer_logits
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     out = []
-    for ex in examples:
-        labels = tokenize_example(tokenizer, ex, max_length)["labels"][1:]
-        n = sum(label != -100 for label in labels)
-        if n == 0:
-            raise ValueError(f"example {ex.get('id', '?')} has no answer token within max_length={max_length}: "
-                             "raise max_length or shorten the prompt")
-        out.append((n * math.log(perplexity(model, tokenizer, [ex], batch_size=1, max_length=max_length)), n))
+    try:
+        with torch.inference_mode():
+            for ex in examples:
+                feats = tokenize_example(tokenizer, ex, max_length)
+                n = sum(label != -100 for label in feats["labels"][1:])
+                if n == 0:
+                    raise ValueError(f"example {ex.get('id', '?')} has no answer token within max_length={max_length}: "
+                                     "raise max_length or shorten the prompt")
+                batch = {k: v.to(device) for k, v in collate([feats], tokenizer.pad_token_id).items()}
+                logits, targets = answer_logits(model, batch)
+                nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                        targets.reshape(-1), ignore_index=-100, reduction="sum")
+                out.append((nll.item(), n))
+    finally:
+        model.train(was_training)
     return out
 
 

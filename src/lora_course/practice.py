@@ -108,6 +108,45 @@ class DivergenceGuard:
         return f"diverged at step {step}: {what}. Fix: " + "; ".join(fixes) + "."
 
 
+def _keeps_logits(model: Any) -> bool:
+    """Whether the model's forward (under a peft wrapper: its base model's) takes transformers' ``logits_to_keep``."""
+    import inspect
+
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def answer_logits(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """The logits at the positions whose next token is an answer token, and those tokens: ``(logits (B, K, V),
+    targets (B, K))`` with -100 where a row has no answer token at a kept position.
+
+    A causal LM scores every position, but the loss (assistant-only labels) reads only the K positions before an
+    answer token: on the course's tasks 18 of 58 in a batch of 4. ``logits_to_keep`` (transformers' argument, a 1-D
+    tensor of positions) runs the output layer, 49152 x 576 on the cpu model (a fifth of its forward), on those alone:
+    the same loss to float rounding (measured 1.2e-7 of 1.91), a LoRA step 13% faster and a full fine-tuning step
+    11% (notebook 12's runs on 1 CPU thread). A model whose forward has no ``logits_to_keep`` scores every position.
+    """
+    shifted = batch["labels"][:, 1:]
+    if not _keeps_logits(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return logits, shifted
+    cols = (shifted != -100).any(0).nonzero().squeeze(1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=cols).logits
+    return logits, shifted[:, cols]
+
+
+def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """The mean cross-entropy over the batch's answer tokens (what ``model(**batch).loss`` computes, from
+    ``answer_logits``: the output layer only where it is read; a model without ``logits_to_keep``: its own loss)."""
+    import torch
+
+    if not _keeps_logits(model):
+        return model(**batch).loss
+    logits, targets = answer_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100)
+
+
 def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps: int, batch_size: int = 8,
               lr: float = 2e-3, schedule: str = "constant", warmup_steps: int = 0, max_grad_norm: float | None = None,
               seed: int = 0, max_length: int = 128, weight_decay: float = 0.0, optimizer: Any = None,
@@ -157,7 +196,7 @@ def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps:
         for step, idx in enumerate(global_batches(len(feats), batch_size, steps, seed)):
             batch = {k: v.to(device) for k, v in collate([feats[i] for i in idx], tokenizer.pad_token_id).items()}
             with amp_context(amp, device.type):
-                loss = model(**batch).loss
+                loss = answer_loss(model, batch)  # = model(**batch).loss, the output layer only where read
             value = loss.item()
             current_lr = opt.param_groups[0]["lr"]
             if guard is not None:
@@ -264,5 +303,6 @@ def logit_gap(ref_logits: Any, logits: Any, labels: Any | None = None) -> dict[s
             "top1_agree": (ref.argmax(-1) == other.argmax(-1)).float().mean().item()}
 
 
-__all__ = ["SCHEDULES", "DivergenceGuard", "RunLog", "TrainingDiverged", "dequantized_weights", "logit_gap",
+__all__ = ["SCHEDULES", "DivergenceGuard", "RunLog", "TrainingDiverged", "answer_logits", "answer_loss",
+           "dequantized_weights", "logit_gap",
            "restore_trainable", "snapshot_trainable", "train_run"]
