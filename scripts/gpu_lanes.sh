@@ -3,14 +3,19 @@
 # SEQ=1), each lane's report merged with the previous call's (gpu_lane keeps the rows of an earlier run of the same
 # lane in its --out folder), so a course longer than one 10-minute call runs in groups of notebooks.
 #
-# Before, here:  bash ../shared/gpu/bundle.sh; bash scripts/gpu_llama_bundle.sh; bash scripts/gpu_stage_model.sh split
-#                cp results/gpu-lane-real-bf16.json .gpu/prev-bf16.json; cp results/gpu-lane-real-t4.json .gpu/prev-t4.json
-#                cp scripts/gpu_lanes.sh .gpu/
-# There, back to back (the machine and its /tmp last ~30 s after a call):
+# Before, here:  make setup model; bash ../shared/gpu/bundle.sh; bash scripts/gpu_llama_bundle.sh
+#                bash scripts/gpu_stage_model.sh split
+#                (optional, to merge with an earlier run: cp results/gpu-lane-real-{bf16,t4}.json .gpu/prev-{bf16,t4}.json)
+# There, back to back (the machine and its /tmp last ~30 s after a call); the bundle is unpacked into /tmp/site by the
+# first call, so later calls carry only what they add (64 MiB a call):
+#   carry .gpu:     mkdir -p /tmp/site && tar -C /tmp/site -xzf .gpu/site312.tgz && tar -C /tmp -xzf .gpu/llama-extra.tgz \
+#                   && touch /tmp/site/.done
 #   carry .gpu-m1:  bash scripts/gpu_stage_model.sh put .gpu-m1
-#   carry .gpu-m2:  bash scripts/gpu_stage_model.sh put .gpu-m2
-#   carry .gpu:     W=5 OMP=2 bash .gpu/gpu_lanes.sh A 500 "notebooks/06*.ipynb notebooks/09*.ipynb" "notebooks/06*.ipynb notebooks/09*.ipynb"
-#   carry .gpu:     OMP=16 SEQ=1 bash .gpu/gpu_lanes.sh B 120 "notebooks/08*.ipynb" "notebooks/08*.ipynb" 08 tests
+#   carry .gpu-m2:  bash scripts/gpu_stage_model.sh put .gpu-m2 && W=5 OMP=2 bash scripts/gpu_lanes.sh A 520 "<06 07 09 11 12>" "<same>"
+#   no carry:       W=3 OMP=4 bash scripts/gpu_lanes.sh B 450 "<00-05 10>" "<same>"
+#   no carry:       OMP=8 bash scripts/gpu_lanes.sh C 300 "notebooks/08_merge_and_export.ipynb" "<same>" "" tests
+# Measured on one H100 on 2026-12-06: setup (join + model build) 47 s; call A 525 s (09 ~460 s is the longest); call B
+# 00-05 in ~300 s. Each lane side by side on its own half of the CPUs (below).
 # Arguments: TAG TIMEOUT(per lane, s) "bf16 lane notebooks" "T4 lane notebooks" [SOLO notebook numbers] [tests]
 # Output: $OUT/lanes-TAG.tgz (both lanes' gpu-lane.json/.md, logs, executed notebooks); copy each gpu-lane.json to
 # results/gpu-lane-real-{bf16,t4}.json and run `python -m lora_course.readme --write`.
@@ -23,7 +28,7 @@ export OMP_NUM_THREADS=${OMP:-8}
 python3 -m ipykernel install --user --name python3 >/dev/null 2>&1
 M=/tmp/lcc/models/SmolLM2-135M-Instruct-Q4_1-v1
 [ -f $M/config.json ] || bash scripts/gpu_stage_model.sh join || exit 3
-for l in bf16 t4; do mkdir -p /tmp/lane-$l; [ -f /tmp/lane-$l/gpu-lane.json ] || cp .gpu/prev-$l.json /tmp/lane-$l/gpu-lane.json; done
+for l in bf16 t4; do mkdir -p /tmp/lane-$l; [ -f /tmp/lane-$l/gpu-lane.json ] || [ ! -f .gpu/prev-$l.json ] || cp .gpu/prev-$l.json /tmp/lane-$l/gpu-lane.json; done
 echo "setup $(( $(date +%s) - t0 )) s"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; lscpu | grep -i 'model name'
 sk=--skip-tests; [ -n "$TESTS" ] && sk=
 so=; for s in $SOLO; do so="$so --solo $(ls notebooks/${s}_*.ipynb)"; done
