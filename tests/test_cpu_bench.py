@@ -89,16 +89,6 @@ def test_table_shows_target_reached_and_met_for_every_figure():
     assert "sequential 6 [5-9] s (n=5)" in cpu_bench.format_table(figs)
 
 
-def test_time_forwards_interleaves_after_warm_up():
-    calls = []
-    out = cpu_bench.time_forwards({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3,
-                                  warmup=2)
-    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
-    assert {k: len(v) for k, v in out.items()} == {"a": 3, "b": 3} and all(t >= 0 for v in out.values() for t in v)
-    with pytest.raises(ValueError, match="at least once"):
-        cpu_bench.time_forwards({"a": lambda: None}, repeats=0)
-
-
 def test_matmul_flops_counts_exactly_the_products():
     x, w = torch.randn(5, 7), torch.randn(3, 7)
     assert cpu_bench.matmul_flops(lambda: torch.nn.functional.linear(x, w)) == 2 * 5 * 7 * 3

@@ -22,8 +22,8 @@ of **medians**; the spread (min, max) of every measured quantity is recorded wit
 machine (CPU model, avx2/avx512f/avx512_bf16/amx, cores, torch threads, date). Torch figures run with the thread
 count the course's notebooks use (``OMP_NUM_THREADS``, 1 under ``make``); the decode comparison gives both
 engines every core (``--decode-threads``), as notebook 08 does. Every measurement reuses the package's own
-functions (``adapters``, ``lora``, ``bench``, ``export``, ``gguf_quant``, ``parity``); ``time_forwards`` and
-``matmul_flops`` are shared with notebook 01. The exit status is 0 whether or not targets are met (a benchmark
+functions (``adapters``, ``lora``, ``bench``, ``export``, ``gguf_quant``, ``parity``, ``timing``); ``matmul_flops`` is
+shared with notebook 01. The exit status is 0 whether or not targets are met (a benchmark
 reports), 1 if a group failed to run.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .procs import run_module
+from .timing import time_calls
 
 _OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, ">": operator.gt,
                                                    "<": operator.lt}
@@ -159,29 +160,6 @@ def latency_figure(key: str, chapter: str, what: str, target: Target, q: Quantit
 
 
 # ------------------------------------------------------------------------------------- shared with notebooks
-def time_forwards(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
-                  sync: Callable[[], Any] | None = None) -> dict[str, list[float]]:
-    """Seconds of each call of every ``fns[name]()``, timed ``repeats`` times interleaved after ``warmup`` calls each.
-
-    Interleaving (a, b, a, b, ...) puts a burst of load from other processes on every function alike; ``sync``
-    (e.g. ``torch.cuda.synchronize``) runs before each clock read so GPU work is counted.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats}: time each function at least once")
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            out[k].append(time.perf_counter() - t0)
-    return out
 
 
 def _no_flops(*args: Any, **kwargs: Any) -> int:
@@ -247,7 +225,7 @@ def merge_figures(profile: str = "cpu", model_id: str | None = None, repeats: in
                 m.model(**inputs)
         return run
 
-    times = time_forwards({"wrapped": fwd(model), "merged": fwd(merged)}, repeats=repeats, warmup=2)
+    times = time_calls({"wrapped": fwd(model), "merged": fwd(merged)}, repeats=repeats, warmup=2)
     extra = matmul_flops(fwd(model)) - matmul_flops(fwd(merged))
     expected = 2 * inputs["input_ids"].numel() * count_lora_params(model)
     wrapped = Quantity("wrapped", "s", times["wrapped"])
@@ -270,7 +248,8 @@ def adapter_figures(profile: str = "cpu", model_id: str | None = None, repeats: 
     from .adapters import AdapterRegistry
     from .course_adapters import course_adapter
     from .data import TASKS, load_task, prompt_messages
-    from .serving import mixed_vs_sequential, timed_ms
+    from .serving import mixed_vs_sequential
+    from .timing import timed_ms
 
     model, tok = _load(profile, model_id)
     paths = {t: course_adapter(t, model, tok, profile=profile, model_id=model_id).path for t in TASKS}
@@ -513,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = ["GROUPS", "Figure", "Quantity", "Target", "adapter_figures", "decode_figures", "decode_gguf_files",
            "decoder_inputs", "format_table", "latency_figure", "matmul_flops", "merge_figures",
-           "order_figure", "ratio_figure", "report", "sft_figures", "time_forwards"]
+           "order_figure", "ratio_figure", "report", "sft_figures"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,6 @@
 
 The registry that serves the adapters is ``lora_course.adapters.AdapterRegistry``; this module measures it:
 
-- ``median_ms`` / ``timed_ms``: wall time of a call (activate latency), after warm-up calls.
 - ``mixed_vs_sequential`` -> ``Throughput``: one routed mixed batch against one batch per adapter (and peft's own
   ``adapter_names`` mixed batch for reference).
 - ``noise_floor`` -> ``NoiseFloor``: how far a row's logits move with the batch it runs in (same adapter, pure
@@ -16,29 +15,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .adapters import AdapterRegistry, AdapterRegistryError
-
-
-def median_ms(fn: Callable[[], Any], repeat: int = 50, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeat`` calls, after ``warmup`` untimed calls."""
-    return statistics.median(timed_ms(fn, repeat, warmup))
-
-
-def timed_ms(fn: Callable[[], Any], repeat: int = 50, warmup: int = 2) -> list[float]:
-    """Wall time of each of ``repeat`` calls of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+from .timing import median_ms, time_calls
 
 
 @dataclass
@@ -106,16 +88,9 @@ def mixed_vs_sequential(registry: AdapterRegistry, prompts: dict[str, list[Any]]
         ways["sequential_routed"] = sequential_routed
     if with_peft:
         ways["peft_mixed"] = lambda: registry.generate(texts, names, engine="peft", **kw)
-    samples: dict[str, list[float]] = {k: [] for k in ways}
     previous = registry.active
     try:
-        for fn in ways.values() if warmup else ():
-            fn()
-        for _ in range(repeats):
-            for k, fn in ways.items():
-                t0 = time.perf_counter()
-                fn()
-                samples[k].append(time.perf_counter() - t0)
+        samples = time_calls(ways, repeats=repeats, warmup=1 if warmup else 0)  # interleaved: load hits every way
     finally:
         registry.activate(previous)
     med = {k: statistics.median(v) for k, v in samples.items()}
@@ -349,4 +324,4 @@ def bench(registry: AdapterRegistry, prompts: dict[str, list[Any]], new_tokens: 
 
 
 __all__ = ["FLOOR_K", "GreedyComparison", "NoiseFloor", "Throughput", "bench", "compare_greedy", "evaluate_matrix",
-           "greedy_tokens", "median_ms", "mixed_vs_sequential", "noise_floor", "timed_ms"]
+           "greedy_tokens", "mixed_vs_sequential", "noise_floor"]
