@@ -32,11 +32,12 @@ def machine_info(decode_threads: int | None = None) -> dict[str, Any]:
 
     import torch
 
+    from .hardware import usable_cpus
     from .llama_build import cpu_model, cpu_summary
 
     info: dict[str, Any] = {
         "cpu": cpu_model() or platform.processor() or "unknown", "flags": cpu_summary(), "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "decode_threads": decode_threads or os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "decode_threads": decode_threads or usable_cpus(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__,
         **package_versions(("transformers", "peft", "trl", "llama_cpp_python")), "date": time.strftime("%Y-%m-%d %H:%M")}
