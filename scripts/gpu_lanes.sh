@@ -36,8 +36,10 @@ so1=$so; so2=$so
 # Side by side, each lane runs on its own half of the CPUs (taskset): notebook 08 sizes llama.cpp's and torch's thread
 # pools by the CPUs it may use (hardware.usable_cpus), so two 08s on one 16-core host no longer start 32 spinning
 # threads (on 2026-12-06 both lanes' 08 stalled in the speed cell that way and ran into the call's limit).
+# PIN=0 leaves the lanes unpinned: notebooks without 08 ran 2-4x slower pinned with W=5 on 8 CPUs a lane (06, 07
+# and 09 missed a 540 s limit they met unpinned), so pin the group that holds 08 and no other.
 pin1= pin2=
-if [ -z "${SEQ:-}" ] && command -v taskset >/dev/null; then
+if [ -z "${SEQ:-}" ] && [ "${PIN:-1}" = 1 ] && command -v taskset >/dev/null; then
   n=$(nproc); h=$(( n / 2 )); [ "$h" -ge 1 ] && { pin1="taskset -c 0-$(( h - 1 ))"; pin2="taskset -c $h-$(( n - 1 ))"; }
 fi
 run_bf16() { timeout $T $pin1 python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }

@@ -82,3 +82,26 @@ def test_serve_starts_exactly_server_command(tiny_gguf, monkeypatch):
     assert seen == [llama_runtime.server_command(tiny_gguf, 12345, 2)]
     cmd = seen[0]
     assert cmd[1:3] == ["-m", "llama_cpp.server"] and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+def test_probe_ggufs_keeps_the_file_another_process_finished_first(tmp_path, monkeypatch):
+    """Two notebooks sharing a cache both found the probe files missing; the slower one's quantize then refused to
+    overwrite the file the faster one had just renamed into place (OutputExistsError in notebook 00 on a GPU host).
+    The finished file is whole (written under a temporary name, then renamed), so it is kept."""
+    from lora_course.export import OutputExistsError
+
+    monkeypatch.setenv("LORA_COURSE_CACHE", str(tmp_path))
+    calls = []
+
+    def other_process_won(src, out, *args, **kwargs):
+        calls.append(out.name)
+        out.write_bytes(b"GGUF from the other process")   # it renamed its complete file into place first
+        raise OutputExistsError(f"{out} already exists: pass overwrite=True to replace it")
+
+    monkeypatch.setattr(llama_runtime, "to_gguf", other_process_won)
+    monkeypatch.setattr(llama_runtime, "quantize", other_process_won)
+    paths = llama_runtime.probe_ggufs(("Q8_0", "Q4_K_M"))
+    assert calls == ["tiny-f32.gguf", "tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf"]
+    assert all(p.read_bytes() == b"GGUF from the other process" for p in paths.values())
+    monkeypatch.setattr(llama_runtime, "quantize", lambda *a, **k: pytest.fail("rebuilt a complete probe file"))
+    assert llama_runtime.probe_ggufs(("Q8_0", "Q4_K_M")) == paths

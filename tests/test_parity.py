@@ -23,6 +23,7 @@ def test_check_parity_of_the_f32_gguf(tiny_dir, tiny_gguf, tiny_tok):
     assert report.n_positions == sum(len(tiny_tok(t, add_special_tokens=False)["input_ids"]) for t in PARITY_TEXTS)
     assert report.top1_agreement >= 0.99 and report.mean_kl < 1e-4, report
     assert report.greedy_prefix == [16] and report.greedy_agreement == 1.0
+    assert report.greedy_divergence_margins == [] and report.greedy_decisive_divergences == 0
     table = str(report)
     assert "top-1 agree" in table and "tiny-f32.gguf" in table and "5/5" in table  # 4 texts + 1 prompt
 
@@ -39,6 +40,24 @@ def test_check_parity_detects_a_different_model(tiny_dir, tiny_gguf, tiny_tok):
     assert report.tokenizer_parity == 1.0
     assert report.top1_agreement < 0.2 and report.mean_kl > 0.01, report
     assert report.greedy_prefix == [0]
+
+
+def test_greedy_divergence_is_split_by_the_references_margin(tiny_dir, tiny_gguf, tiny_tok):
+    """A greedy continuation that leaves transformers' path is a near-tie when transformers' own lead at that step is
+    within the noise, and a decisive divergence when it is not: the same file, two references that differ only in
+    the recorded margin at the step where their tokens were changed."""
+    ref = hf_reference(tiny_dir, tiny_tok, PARITY_TEXTS[:2], PARITY_PROMPTS, max_new_tokens=8)
+    assert len(ref.greedy_margins) == 1 and len(ref.greedy_margins[0]) == 8
+    assert all(m >= 0 for m in ref.greedy_margins[0])
+    ref.greedy_ids = [ids[:3] + [(t + 1) % len(tiny_tok) for t in ids[3:]] for ids in ref.greedy_ids]
+    ref.greedy_margins = [m[:3] + [1e-12] + m[4:] for m in ref.greedy_margins]   # a tie at the changed step
+    tie = check_parity(tiny_dir, tiny_gguf, reference=ref, n_threads=1)
+    assert tie.greedy_prefix == [3] and tie.greedy_divergence_margins == [1e-12], tie
+    assert tie.greedy_decisive_divergences == 0, tie
+    ref.greedy_margins = [m[:3] + [5.0] + m[4:] for m in ref.greedy_margins]      # a clear lead at that step
+    clear = check_parity(tiny_dir, tiny_gguf, reference=ref, n_threads=1)
+    assert clear.greedy_prefix == [3] and clear.greedy_decisive_divergences == 1, clear
+    assert "1 (1)" in str(clear)
 
 
 def test_split_disagreements_tells_near_ties_from_real_ones():

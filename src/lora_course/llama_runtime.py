@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .export import ExportError, _threads, to_gguf
+from .export import ExportError, OutputExistsError, _threads, to_gguf
 from .gguf_quant import quantize
 from .paths import cache_dir
 from .procs import free_port
@@ -127,13 +127,18 @@ def probe_ggufs(quants: Sequence[str] = PROBE_QUANTS) -> dict[str, Path]:
     out = {q: folder / f"tiny-{q}.gguf" for q in quants}
     if all(p.exists() for p in out.values()):
         return out
-    if not f32.exists():
-        from .models import tiny_model_dir
+    # Two processes sharing the cache (notebooks run side by side) may both find a file missing and both build it.
+    # Each writes a temporary name and renames it when complete, so a file that appeared meanwhile is whole: the
+    # loser of the race keeps the winner's file (the same bytes: same model, same deterministic converter).
+    with contextlib.suppress(OutputExistsError):
+        if not f32.exists():
+            from .models import tiny_model_dir
 
-        to_gguf(tiny_model_dir(), f32, "f32")
+            to_gguf(tiny_model_dir(), f32, "f32")
     for q, path in out.items():
-        if not path.exists():
-            quantize(f32, path, q)
+        with contextlib.suppress(OutputExistsError):
+            if not path.exists():
+                quantize(f32, path, q)
     return out
 
 

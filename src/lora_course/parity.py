@@ -36,6 +36,9 @@ class HFReference:
     greedy_ids: list[list[int]]
     max_new_tokens: int
     suppressed_ids: list[int] = field(default_factory=list)  # end-of-sequence ids masked during greedy decoding
+    # per prompt and greedy step: the log-probability lead of transformers' chosen token over its runner-up (end of
+    # sequence masked), so a greedy divergence can be told apart as a near-tie or a real difference
+    greedy_margins: list[list[float]] = field(default_factory=list)
 
 
 def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequence[str],
@@ -57,7 +60,7 @@ def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequenc
     model.eval()
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     pids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    lps, greedy = [], []
+    lps, greedy, margins = [], [], []
     with torch.inference_mode():
         for row in ids:
             logits = model(torch.tensor([row])).logits[0].double()
@@ -65,12 +68,16 @@ def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequenc
         for row in pids:
             out = model.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
                                  do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
-            greedy.append(out[0, len(row):].tolist())
+                                 pad_token_id=tokenizer.pad_token_id, output_scores=True,
+                                 return_dict_in_generate=True)
+            greedy.append(out.sequences[0, len(row):].tolist())
+            # scores: the processed logits of each step (end of sequence already at -inf, as llama.cpp's side masks)
+            top2 = torch.stack([torch.log_softmax(s[0].double(), -1).topk(2).values for s in out.scores])
+            margins.append((top2[:, 0] - top2[:, 1]).tolist())
     eos = model.generation_config.eos_token_id
     eos = tokenizer.eos_token_id if eos is None else eos
     suppressed = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
-    return HFReference(list(texts), ids, lps, list(prompts), pids, greedy, max_new_tokens, suppressed)
+    return HFReference(list(texts), ids, lps, list(prompts), pids, greedy, max_new_tokens, suppressed, margins)
 
 
 @dataclass
@@ -93,6 +100,11 @@ class ParityReport:
     decisive: int = 0
     decisive_disagree: int = 0
     near_tie_disagree: int = 0
+    # Greedy divergences (a prompt whose greedy tokens differ before max_new_tokens), split the same way: at the
+    # first differing step, transformers' lead of its token over the runner-up (``HFReference.greedy_margins``)
+    # compared with NEAR_TIE_SIGMAS x gap_noise. A near-tie there may go either way with the summation order.
+    greedy_divergence_margins: list[float] = field(default_factory=list)
+    greedy_decisive_divergences: int = 0
 
     @property
     def tokenizer_parity(self) -> float:
@@ -121,7 +133,9 @@ class ParityReport:
                 "max KL": f"{self.max_kl:.3f}", "noise": f"{self.gap_noise:.3f}",
                 "decisive": f"{100 * self.decisive_share:.0f}% of {self.n_positions}",
                 "disagree (decisive/near-tie)": f"{self.decisive_disagree}/{self.near_tie_disagree}",
-                "greedy prefix": "/".join(str(p) for p in self.greedy_prefix) + f" of {self.greedy_len}"}
+                "greedy prefix": "/".join(str(p) for p in self.greedy_prefix) + f" of {self.greedy_len}",
+                "greedy diverged (decisive)": f"{len(self.greedy_divergence_margins)} "
+                                              f"({self.greedy_decisive_divergences})"}
 
     def __str__(self) -> str:
         return format_table([self.row()])
@@ -190,7 +204,9 @@ def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), 
     - tokenizer parity: llama.cpp's token ids equal transformers' for each text and prompt;
     - teacher-forced next-token agreement (top-1) and KL(transformers || llama.cpp), mean and max over positions;
     - greedy prefix: how many of ``max_new_tokens`` greedy tokens match before the first difference (both
-      engines with the end-of-sequence ids masked, so both produce exactly ``max_new_tokens``).
+      engines with the end-of-sequence ids masked, so both produce exactly ``max_new_tokens``); where they
+      differ, the reference's margin at that step says whether it was a near-tie (any kernel may call it the other
+      way, and the rest of the continuation then follows another path) or a decisive divergence (a real difference).
 
     Pass ``reference`` (from ``hf_reference``) to reuse transformers' side for several files.
     """
@@ -218,19 +234,23 @@ def check_parity(hf_dir: Any, gguf_path: str | Path, texts: Sequence[str] = (), 
         gaps.append(_top2_gap(ref, logq))
     split = _summarise_gaps(gaps)
     agree, n = split["agree"], split["positions"]
-    prefix = []
-    for pid, want in zip(reference.prompt_ids, reference.greedy_ids):
+    prefix, diverged = [], []
+    for i, (pid, want) in enumerate(zip(reference.prompt_ids, reference.greedy_ids)):
         got = gguf_greedy(llm, pid, reference.max_new_tokens, suppress_ids=reference.suppressed_ids)
         k = 0
         while k < min(len(got), len(want)) and got[k] == want[k]:
             k += 1
         prefix.append(k)
+        if k < min(len(got), len(want)):
+            margins = reference.greedy_margins[i] if i < len(reference.greedy_margins) else []
+            diverged.append(float(margins[k]) if k < len(margins) else math.inf)  # unknown margin: decisive
     del llm
+    decisive_div = sum(m >= NEAR_TIE_SIGMAS * split["noise"] for m in diverged)
     return ParityReport(name or Path(gguf_path).name, tok_ok, len(reference.texts) + len(reference.prompts),
                         agree / max(n, 1), float(np.mean(kls)) if kls else math.nan,
                         float(np.max(kls)) if kls else math.nan, n, prefix, reference.max_new_tokens,
                         file_size_mib(gguf_path), split["noise"], split["decisive"], split["decisive_disagree"],
-                        split["near_tie_disagree"])
+                        split["near_tie_disagree"], diverged, decisive_div)
 
 
 # ------------------------------------------------------------------------------------------------- speed
