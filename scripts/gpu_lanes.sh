@@ -17,6 +17,7 @@
 # Measured on one H100 on 2026-12-06: setup (join + model build) 47 s; call A 525 s (09 ~460 s is the longest); call B
 # 00-05 in ~300 s. Each lane side by side on its own half of the CPUs (below).
 # Arguments: TAG TIMEOUT(per lane, s) "bf16 lane notebooks" "T4 lane notebooks" [SOLO notebook numbers] [tests]
+# (a lane not in LANES ignores its notebook list)
 # Output: $OUT/lanes-TAG.tgz (both lanes' gpu-lane.json/.md, logs, executed notebooks); copy each gpu-lane.json to
 # results/gpu-lane-real-{bf16,t4}.json and run `python -m lora_course.readme --write`.
 set -u
@@ -29,6 +30,14 @@ python3 -m ipykernel install --user --name python3 >/dev/null 2>&1
 M=/tmp/lcc/models/SmolLM2-135M-Instruct-Q4_1-v1
 [ -f $M/config.json ] || bash scripts/gpu_stage_model.sh join || exit 3
 for l in bf16 t4; do mkdir -p /tmp/lane-$l; [ -f /tmp/lane-$l/gpu-lane.json ] || [ ! -f .gpu/prev-$l.json ] || cp .gpu/prev-$l.json /tmp/lane-$l/gpu-lane.json; done
+# Each lane is a learner's machine of its own: its own course cache (exports, course adapters, llama.cpp probes), with
+# only the read-only inputs shared (the model folder, the converter). On 2026-12-06 both lanes' notebook 08 wrote the
+# same exports/08-creative folder at once: the T4 lane compared its own merged model with GGUFs the bf16 lane had
+# converted from a different adapter (F32 "parity" KL 0.037, decisive on 28% of positions) and failed; 07's course
+# adapters were likewise trained by whichever lane came first, in that lane's precision.
+for l in bf16 t4; do
+  mkdir -p /tmp/lcc-$l; for d in models llama.cpp-converter; do [ -e /tmp/lcc/$d ] && ln -sfn /tmp/lcc/$d /tmp/lcc-$l/$d; done
+done
 echo "setup $(( $(date +%s) - t0 )) s"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; lscpu | grep -i 'model name'
 sk=--skip-tests; [ -n "$TESTS" ] && sk=
 so=; for s in $SOLO; do so="$so --solo $(ls notebooks/${s}_*.ipynb)"; done
@@ -42,9 +51,11 @@ pin1= pin2=
 if [ -z "${SEQ:-}" ] && [ "${PIN:-1}" = 1 ] && command -v taskset >/dev/null; then
   n=$(nproc); h=$(( n / 2 )); [ "$h" -ge 1 ] && { pin1="taskset -c 0-$(( h - 1 ))"; pin2="taskset -c $h-$(( n - 1 ))"; }
 fi
-run_bf16() { timeout $T $pin1 python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
-run_t4() { timeout $T $pin2 python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }
-if [ -n "${SEQ:-}" ]; then run_bf16; run_t4; else run_bf16 & run_t4 & wait; fi
-for l in bf16 t4; do echo "== $l"; grep -E '^(ok|FAILED|SKIPPED)|lane report|Error|error' /tmp/lane-$l/run-$TAG.log | tail -30; done
-tar -C /tmp --exclude='unsloth_compiled_cache' --exclude='*.gguf' --exclude='*.safetensors' --exclude='*.bin' -czf $OUT/lanes-$TAG.tgz lane-bf16 lane-t4
+run_bf16() { LORA_COURSE_CACHE=/tmp/lcc-bf16 timeout $T $pin1 python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
+run_t4() { LORA_COURSE_CACHE=/tmp/lcc-t4 timeout $T $pin2 python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }
+# LANES: which lanes run (default both), e.g. LANES=t4 to re-run one lane's failed notebook.
+LANES=${LANES:-bf16 t4}
+if [ -n "${SEQ:-}" ]; then for l in $LANES; do run_$l; done; else for l in $LANES; do run_$l & done; wait; fi
+for l in $LANES; do echo "== $l"; grep -E '^(ok|FAILED|SKIPPED)|lane report|Error|error' /tmp/lane-$l/run-$TAG.log | tail -30; done
+tar -C /tmp --exclude='unsloth_compiled_cache' --exclude='*.gguf' --exclude='*.safetensors' --exclude='*.bin' -czf $OUT/lanes-$TAG.tgz $(for l in $LANES; do echo lane-$l; done)
 ls -la $OUT; echo "total $(( $(date +%s) - t0 )) s"

@@ -38,7 +38,8 @@ def _make(path, seed, r=8, targets="all-linear", base=None, alpha=None):
 
     model, _ = base or load_base("tiny")
     torch.manual_seed(seed)
-    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=targets, init_lora_weights=False))
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=targets,
+                                          init_lora_weights=False))
     save_adapter(pm, path)
     pm.unload()
     return path

@@ -32,8 +32,8 @@ def test_evaluate_gguf_scores_the_files_own_greedy_replies(tiny_gguf, tiny_tok):
 
 # ---------------------------------------------------------------------------------------------------- serving
 def test_served_model_answers_within_max_tokens_and_stops_with_the_block(tiny_gguf):
-    """llama_runtime.serve + chat_completion: the OpenAI-compatible server answers a chat completion within max_tokens on
-    localhost, and is gone once the block ends (the port closed, a request refused)."""
+    """llama_runtime.serve + chat_completion: the OpenAI-compatible server answers a chat completion within max_tokens
+    on localhost, and is gone once the block ends (the port closed, a request refused)."""
     import socket
     import urllib.error
 

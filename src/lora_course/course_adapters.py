@@ -116,7 +116,8 @@ def _from_record(task: str, path: Path, record: dict[str, Any], trained_now: boo
                          AdapterRecipe(**record["recipe"]))
 
 
-def _train_into(model: Any, tokenizer: Any, recipe: AdapterRecipe, out: Path, log_every: int) -> tuple[list[float], float]:
+def _train_into(model: Any, tokenizer: Any, recipe: AdapterRecipe, out: Path,
+                log_every: int) -> tuple[list[float], float]:
     """Train a fresh LoRA on ``model`` by ``recipe`` and save it to ``out``; the model is left as it was."""
     from peft import get_peft_model
 

@@ -16,7 +16,7 @@ of **medians**; the spread (min, max) of every measured quantity is recorded wit
 | merged vs LoRA-wrapped decoder forward time | 01 | <= 1.05x |
 | padding-free vs padded SFT tokens/s | 06 | > 1x |
 | packed vs padded SFT tokens/s | 06 | > 1x |
-| llama.cpp (best of F32, Q8_0, Q4_K_M) vs transformers greedy decode tokens/s | 08 | >= 5x (>= 2x over 500M parameters) |
+| llama.cpp (best of F32/Q8_0/Q4_K_M) vs transformers greedy decode tokens/s | 08 | >= 5x (>= 2x over 500M parameters) |
 
 ``python -m lora_course.cpu_bench --out results/bench-cpu.json`` prints the table and writes the JSON with the
 machine (CPU model, avx2/avx512f/avx512_bf16/amx, cores, torch threads, date). Torch figures run with the thread
@@ -270,8 +270,8 @@ def adapter_figures(profile: str = "cpu", model_id: str | None = None, repeats: 
     turn = iter(range(10**9))
     act = Quantity("activate", "ms", timed_ms(lambda: reg.activate(names[next(turn) % len(names)]),
                                               repeat=activate_repeat))
-    peft_ms = Quantity("peft_set_adapter", "ms", timed_ms(lambda: reg.activate_with_peft(names[next(turn) % len(names)]),
-                                                          repeat=30))
+    peft_ms = Quantity("peft_set_adapter", "ms",
+                       timed_ms(lambda: reg.activate_with_peft(names[next(turn) % len(names)]), repeat=30))
     figs.append(latency_figure("07_activate_ms", "07", "registry activate latency", Target("<=", 5.0), act))
     figs.append(ratio_figure("07_activate_vs_peft", "07", "activate vs peft set_adapter (speed-up)", Target(">", 1.0),
                              peft_ms, act))

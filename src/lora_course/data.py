@@ -143,7 +143,8 @@ def _code(rng: random.Random, ks: list[int]) -> dict[str, Any]:
     name = fam["name"].format(k=k)
     body = fam["body"].format(k=k)
     code = f"def {name}({fam['args']}):\n    {body}\n"
-    tests = "\n".join(f"assert {name}({', '.join(map(repr, args))}) == {expected!r}" for args, expected in fam["cases"](k))
+    tests = "\n".join(f"assert {name}({', '.join(map(repr, args))}) == {expected!r}"
+                      for args, expected in fam["cases"](k))
     signature = f"{name}({fam['args']})"
     return {
         "messages": [

@@ -512,7 +512,8 @@ def launch(cfg: LaunchConfig) -> RunResult:
     return RunResult.load(cfg.output_dir)
 
 
-def run_with_failing_rank(cfg: LaunchConfig, fail_rank: int | None = None, fail_step: int = 1) -> tuple[str | None, float]:
+def run_with_failing_rank(cfg: LaunchConfig, fail_rank: int | None = None,
+                          fail_step: int = 1) -> tuple[str | None, float]:
     """Launch ``cfg`` with one rank made to raise at ``fail_step`` (default: the last rank) and time the launch.
 
     Returns ``(error, seconds)``: the ``DistributedRunError`` text (the first failure: that rank's own traceback),

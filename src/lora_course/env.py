@@ -40,7 +40,8 @@ def machine_info(decode_threads: int | None = None) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(), "decode_threads": decode_threads or usable_cpus(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__,
-        **package_versions(("transformers", "peft", "trl", "llama_cpp_python")), "date": time.strftime("%Y-%m-%d %H:%M")}
+        **package_versions(("transformers", "peft", "trl", "llama_cpp_python")),
+        "date": time.strftime("%Y-%m-%d %H:%M")}
     try:
         info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (OSError, ValueError):

@@ -314,7 +314,8 @@ _ADAPTER_PARAM_MARKERS = ("lora_", "vera_", "ia3_", "prompt_encoder")
 
 
 def _numel(p: Any) -> int:
-    """Parameters a tensor stands for: a 4-bit bitsandbytes weight packs two per byte (its quant_state has the shape)."""
+    """Parameters a tensor stands for: a 4-bit bitsandbytes weight packs two per byte (its quant_state has the
+    shape)."""
     state = getattr(p, "quant_state", None)
     return int(state.shape.numel()) if state is not None else p.numel()
 
@@ -426,7 +427,8 @@ def run_isolated(cfg: RunConfig, profile: str = "cpu", model_id: str | None = No
     """``run_one`` in a fresh Python process (its own peak memory), with ``threads`` BLAS threads."""
     payload = json.dumps({"config": asdict(cfg), "profile": profile, "model_id": model_id})
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"), "TOKENIZERS_PARALLELISM": "false"}
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
+           "TOKENIZERS_PARALLELISM": "false"}
     return run_module("lora_course.experiments", ["--run-one", payload], what=f"run {cfg.label}", timeout=timeout,
                       env=env, error=RunFailedError)[-1]
 
@@ -775,7 +777,8 @@ def check_claims(records: Sequence[dict[str, Any]], upcast_mib: float = 0.0) -> 
         add("VeRA: fewer trainable parameters than LoRA, competitive quality, faster training", "002",
             f"{vera['trainable_params']:,} vs {lv['trainable_params']:,} params; {e}; "
             f"{vera['sec_per_step']:.2f} vs {lv['sec_per_step']:.2f} s/step",
-            ("supported" if fewer and e.verdict != f"{lv['label']} better" and vera["sec_per_step"] <= lv["sec_per_step"]
+            ("supported"
+             if fewer and e.verdict != f"{lv['label']} better" and vera["sec_per_step"] <= lv["sec_per_step"]
              else "partly: fewer parameters" + ("" if e.verdict != f"{lv['label']} better" else ", but lower quality")
              + ("" if vera["sec_per_step"] <= lv["sec_per_step"] else ", and not faster per step")))
     if lv and ia3:
@@ -879,7 +882,8 @@ def provenance_lines(results: Results) -> list[str]:
         lines += ["", "STALE - these results do not describe this checkout, so nothing below is drawn from them:",
                   *(f"  - {reason}" for reason in results.reasons),
                   "Re-create them with `make sweep` (about an hour on 2 cores; unchanged runs come from the cache)."]
-    lines.append("reproduce: make sweep   (python -m lora_course.experiments --workers 2 --out results/experiments.json)")
+    lines.append("reproduce: make sweep   "
+                 "(python -m lora_course.experiments --workers 2 --out results/experiments.json)")
     return lines
 
 

@@ -164,7 +164,8 @@ def _describe_lane(env: dict[str, str], model_id: str) -> dict[str, Any]:
         raise RuntimeError(f"could not read the GPU with this environment:\n{proc.stderr[-2000:]}")
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     cfg = Path(model_id) / "config.json"
-    info["pretrained"] = not (cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("lora_course_random_init", False))
+    info["pretrained"] = not (cfg.is_file()
+                              and json.loads(cfg.read_text(encoding="utf-8")).get("lora_course_random_init", False))
     return info
 
 

@@ -238,7 +238,8 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup, device: str = "cuda
     if s.optimizer in ("adamw", "paged_adamw"):
         state_bytes = 2 * DTYPE_BYTES[s.state_dtype or param_dtype]
     c[f"optimizer states ({s.optimizer}, {s.state_dtype or param_dtype})"
-      if s.optimizer in ("adamw", "paged_adamw") else f"optimizer states ({s.optimizer})"] = int(trainable * state_bytes)
+      if s.optimizer in ("adamw", "paged_adamw")
+      else f"optimizer states ({s.optimizer})"] = int(trainable * state_bytes)
     if s.optimizer.startswith("paged") and device.startswith("cuda"):
         notes.append("paged optimizer states live in CUDA unified memory: evicted to CPU RAM under pressure, "
                      "and not seen by torch.cuda.max_memory_allocated")
@@ -562,8 +563,9 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
     # fine-tuning on a T4 keeps fp32 weights and computes in fp16 under autocast
     name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     weights_dtype, compute_dtype = name[precision.model_dtype], name[precision.compute_dtype]
-    setup = TrainingSetup(method, batch_size, seq_len, weights_dtype, "adamw", gradient_checkpointing=gradient_checkpointing,
-                          r=r, targets=ALL_LINEAR, padded=task is not None,
+    setup = TrainingSetup(method, batch_size, seq_len, weights_dtype, "adamw",
+                          gradient_checkpointing=gradient_checkpointing, r=r, targets=ALL_LINEAR,
+                          padded=task is not None,
                           compute_dtype=compute_dtype if compute_dtype != weights_dtype else None)
     est = estimate_memory(shape, setup, "cuda" if cuda else "cpu")
     estimated = {"gradients": sum(v for k, v in est.components.items() if "gradients" in k),

@@ -156,7 +156,8 @@ def _is_complete(path: Path) -> bool:
 
 
 def _publish(build: Any, final: Path, info: dict[str, Any]) -> Path:
-    """Build a model folder once (file lock, temporary sibling, marker last, atomic rename): ``paths.publish_directory``."""
+    """Build a model folder once (file lock, temporary sibling, marker last, atomic rename):
+    ``paths.publish_directory``."""
     publish_directory(final, build, info, ("model.safetensors",))
     return final
 

@@ -75,7 +75,7 @@ def gated_models_markdown() -> str:
     """A markdown cell: how to use a gated model (Llama, Gemma, ...) with a Hugging Face token on Colab, Kaggle or
     locally. The course's own models are ungated; ``hub_access.explain_load_error`` says the same when loading fails.
     """
-    return """### Gated models: your Hugging Face token
+    return ("""### Gated models: your Hugging Face token
 
 The course's default models (SmolLM2) are open. Some families (Llama, Gemma, some Mistral models) are **gated**:
 the model page asks you to accept a licence first, and downloads need a token of an account that accepted it.
@@ -87,14 +87,15 @@ the model page asks you to accept a licence first, and downloads need a token of
    - **Colab**: the key icon in the left bar (*Secrets*), add `HF_TOKEN` with the token as its value and switch on
      *Notebook access*; the Hugging Face libraries read it from there.
    - **Kaggle**: *Add-ons > Secrets*, add `HF_TOKEN` and attach it to this notebook, then run
-     `from kaggle_secrets import UserSecretsClient; import os; os.environ["HF_TOKEN"] = UserSecretsClient().get_secret("HF_TOKEN")`
+     `from kaggle_secrets import UserSecretsClient; import os; os.environ["HF_TOKEN"] = """
+    """UserSecretsClient().get_secret("HF_TOKEN")`
      before loading the model.
    - **Your machine**: `hf auth login` once (stores the token), or `export HF_TOKEN=...` before starting Jupyter.
 4. Set `MODEL_ID` in the parameters cell to the model's id and run the notebook.
 
 If loading fails, the error says which step is missing: no token in this runtime, a token the hub rejects, or a
 licence not accepted (yet) for this account.
-"""
+""")
 
 
 def markdown_cell(source: str) -> dict[str, Any]:
@@ -234,7 +235,8 @@ def _learner_path_problems(cells: list[Any]) -> list[str]:
 
 
 def assigned_names(source: str) -> set[str]:
-    """The names a cell's top-level statements assign (``X = ...``): what papermill may override in a parameters cell."""
+    """The names a cell's top-level statements assign (``X = ...``): what papermill may override in a parameters
+    cell."""
     import ast
 
     return {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets

@@ -25,7 +25,8 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("matmul", r"\bmm\b|aten::mm|addmm|bmm|matmul|linear|gemm|gemv|cublas|cutlass|xmma|sm\d+_"),
     ("optimizer", r"adam|foreach|optimizer|_fused_adam|lerp|addcdiv|addcmul"),
     ("memory/copy", r"copy|contiguous|\bto\b|_to_copy|cat\b|empty|fill|zero_|clone|index|gather|scatter|memcpy|memset"),
-    ("elementwise/norm", r"mul|add|sub|div|pow|rsqrt|mean|sum|silu|gelu|neg|exp|norm|where|clamp|sqrt|rotary|embedding"),
+    ("elementwise/norm",
+     r"mul|add|sub|div|pow|rsqrt|mean|sum|silu|gelu|neg|exp|norm|where|clamp|sqrt|rotary|embedding"),
 )
 """Families in matching order: the first pattern (case-insensitive, searched in the name) that matches wins, so the
 4-bit and attention kernels are not counted as the matmuls inside them."""
@@ -71,7 +72,8 @@ class StepProfile:
     def table(self) -> str:
         rows = [f"{'family':18s} {'ms/step':>9s} {'share':>7s}"]
         rows += [f"{k:18s} {self.family_s[k] * 1e3:9.1f} {v:7.1%}" for k, v in self.shares().items()]
-        rows.append(f"{'(outside ops)':18s} {self.outside_ops_s * 1e3:9.1f} {self.outside_ops_s / self.wall_s:7.1%} of wall")
+        rows.append(f"{'(outside ops)':18s} {self.outside_ops_s * 1e3:9.1f} "
+                    f"{self.outside_ops_s / self.wall_s:7.1%} of wall")
         rows.append(f"{'(wall)':18s} {self.wall_s * 1e3:9.1f}")
         return "\n".join(rows)
 

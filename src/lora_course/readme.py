@@ -34,12 +34,13 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
     "08_merge_and_export": lambda m: (f"Q8_0 KL {m['q8_0_mean_kl']:.4f}, decisive {m['q8_0_decisive_share']:.2f}; "
                                       f"llama.cpp {m['llama_cpp_speedup']}x transformers"),
     "00_setup_and_first_model": lambda m: f"{m['params_millions']}M parameters; reply: {m['reply'][:60]}",
-    "01_lora_from_scratch": lambda m: (f"creative form {m['creative_form_before']:.2f} -> {m['creative_form_after']:.2f};"
-                                       f" full fine-tune's dW: top-16 energy {m['full_ft_energy_top16']:.2f} "
-                                       f"(random {m['random_energy_top16']:.2f})"),
+    "01_lora_from_scratch": lambda m: (f"creative form {m['creative_form_before']:.2f} -> "
+                                       f"{m['creative_form_after']:.2f}; full fine-tune's dW: top-16 energy "
+                                       f"{m['full_ft_energy_top16']:.2f} (random {m['random_energy_top16']:.2f})"),
     "02_peft_lora": lambda m: (f"creative form {m['creative_form_before']:.2f} -> {m['creative_form_after']:.2f}; "
-                               f"answer perplexity {m['perplexity_before']:.0f} -> {m['perplexity_after']:.1f}; adapter "
-                               f"{m['adapter_bytes'] / 2**20:.1f} MiB vs base {m['base_model_bytes'] / 2**20:.0f} MiB"),
+                               f"answer perplexity {m['perplexity_before']:.0f} -> {m['perplexity_after']:.1f}"
+                               f"; adapter {m['adapter_bytes'] / 2**20:.1f} MiB vs base "
+                               f"{m['base_model_bytes'] / 2**20:.0f} MiB"),
     "03_nf4_from_scratch": lambda m: (f"bit-exact with bitsandbytes: {m['bit_exact_with_bitsandbytes']}; MSE/var "
                                       f"NF4/INT4/FP4 {m['nf4_mse_over_var_normal']}/{m['int4_mse_over_var_normal']}/"
                                       f"{m['fp4_mse_over_var_normal']}; {m['bits_per_param_plain']} vs "
@@ -55,7 +56,8 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
         f"QLoRA merge into dequantized/16-bit/re-quantized base: KL {abs(m['merge_b_dequantized_mean_kl']):.3f}"
         f"/{m['merge_a_16bit_mean_kl']:.3f}/{m['merge_c_requantized_mean_kl']:.2f}"),
     "12_forgetting_data_and_variants": lambda m: (
-        f"other-task ppl {m['other_ppl_before']:.2f} -> full {m['full_other_ppl']:.2f} / LoRA {m['lora_other_ppl']:.2f}; "
+        f"other-task ppl {m['other_ppl_before']:.2f} -> full {m['full_other_ppl']:.2f} / "
+        f"LoRA {m['lora_other_ppl']:.2f}; "
         f"data ppl clean/noisy/small {m['clean_ppl']:.2f}/{m['noisy_ppl']:.2f}/{m['small_ppl']:.2f}; AdaLoRA ranks "
         f"{m['adalora_rank_min']}-{m['adalora_rank_max']}, total {m['adalora_total_rank']}/{m['adalora_budget']}"),
 }
@@ -142,7 +144,8 @@ def rendered(readme: str, root: Path = ROOT) -> str:
         pat = _pattern(name)
         if not pat.search(readme):
             raise ValueError(f"README.md has no block {name!r}: add '<!-- generated:{name} -->' and "
-                             f"'<!-- /generated:{name} -->' where it belongs, then run python -m lora_course.readme --write")
+                             f"'<!-- /generated:{name} -->' where it belongs, then run "
+                             "python -m lora_course.readme --write")
         text = render(root)
         readme = pat.sub(lambda m, t=text: m.group(1) + t + m.group(3), readme)
     return readme

@@ -249,7 +249,8 @@ def greedy_tokens(registry: AdapterRegistry, prompts: Sequence[Any], adapter_nam
 
 
 def _row_logits(step_logits: Sequence[Any], row: int, end: int) -> Any:
-    """(steps, vocab) float32 logits of ``row`` from ``generate``'s per-step (rows, vocab) logits, first ``end`` steps."""
+    """(steps, vocab) float32 logits of ``row`` from ``generate``'s per-step (rows, vocab) logits, first ``end``
+    steps."""
     import torch
 
     return torch.stack([s[row].float().cpu() for s in step_logits[:end]])

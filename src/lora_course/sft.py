@@ -519,5 +519,5 @@ def label_view(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
 
 __all__ = ["BACKENDS", "BATCHING", "BackendChoice", "BackendUnavailableError", "Hardware", "SFTRecipe",
            "alpaca_to_messages", "build_recipe", "check_lengths", "choose_backend", "detect_hardware",
-           "fused_loss_available", "hardware_for_profile", "import_unsloth", "label_view", "load_for_sft", "make_trainer",
-           "to_prompt_completion", "training_chat_template", "unsloth_token_budget"]
+           "fused_loss_available", "hardware_for_profile", "import_unsloth", "label_view", "load_for_sft",
+           "make_trainer", "to_prompt_completion", "training_chat_template", "unsloth_token_budget"]

@@ -1,9 +1,9 @@
 """Training loops the chapters share.
 
 ``train_steps`` is the plain PyTorch loop (AdamW, assistant-only loss, fixed seed) that notebook 01's from-scratch
-LoRA and quick checks use; it trains whatever parameters have ``requires_grad`` set, so it serves a
-hand-made LoRA, a peft model or full fine-tuning alike. The SFT recipe builder of notebook 05 (``build_recipe``: TRL
-``SFTConfig`` defaults by hardware, Unsloth or transformers + peft) lives in ``lora_course.sft`` and is re-exported here.
+LoRA and quick checks use; it trains whatever parameters have ``requires_grad`` set, so it serves a hand-made LoRA, a
+peft model or full fine-tuning alike. The SFT recipe builder of notebook 05 (``build_recipe``: TRL ``SFTConfig``
+defaults by hardware, Unsloth or transformers + peft) lives in ``lora_course.sft`` and is re-exported here.
 """
 from __future__ import annotations
 

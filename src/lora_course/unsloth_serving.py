@@ -83,7 +83,8 @@ def verdict(rep: dict[str, Any], ratio: float = 0.1) -> dict[str, bool]:
         "the registry detects the Unsloth model and loads every adapter (with its checks)":
             bool(rep["unsloth_detected"]) and rep["loaded"] == names,
         "activate: each adapter (and the bare base) matches the plain stack's logits for it":
-            all(rep["alone_vs_plain"][n] <= ratio * rep["alone_vs_plain_other_adapter"][n] for n in rep["alone_vs_plain"]),
+            all(rep["alone_vs_plain"][n] <= ratio * rep["alone_vs_plain_other_adapter"][n]
+                for n in rep["alone_vs_plain"]),
         "mixed batch (adapter_names), forward: every row matches its adapter alone":
             rep["mixed_vs_alone_next_token"] <= tol,
         "mixed batch, generate: every generated position's logits match its adapter alone (Unsloth's decode step)":
