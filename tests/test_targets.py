@@ -9,24 +9,26 @@ import pytest
 import torch
 from torch import nn
 
+from lora_course.lora_sizing import (
+    NothingTrainableError,
+    check_trainable,
+    lora_parameter_count,
+    module_type,
+    recommend_lora_rank,
+    trainable_parameter_report,
+)
 from lora_course.targets import (
     ALL_LINEAR,
     TARGETS_BY_ARCHITECTURE,
-    NothingTrainableError,
     TargetModuleError,
     UnknownArchitectureError,
     build_lora_config,
     check_target_modules,
-    check_trainable,
     discover_targets,
     linear_layers,
     linear_name_counts,
-    lora_parameter_count,
-    module_type,
-    recommend_lora_rank,
     target_modules_for,
     targets_for_architecture,
-    trainable_parameter_report,
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .adapters_io import check_adapter_compatible
-from .targets import NothingTrainableError, check_trainable
+from .lora_sizing import NothingTrainableError, check_trainable
 
 
 class LossNotFallingError(RuntimeError):
