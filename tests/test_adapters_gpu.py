@@ -13,9 +13,9 @@ pytestmark = pytest.mark.gpu
 
 
 def _model_dir() -> str:
-    from lora_course.gpu_lane import build_gpu_model
+    from lora_course.models import gpu_model_dir
 
-    return os.environ.get("LORA_COURSE_GPU_MODEL") or str(build_gpu_model(os.environ.get("LORA_COURSE_TOKENIZER")))
+    return os.environ.get("LORA_COURSE_GPU_MODEL") or str(gpu_model_dir(os.environ.get("LORA_COURSE_TOKENIZER")))
 
 
 def test_registry_serves_an_unsloth_model_in_inference_mode(tmp_path):

@@ -25,7 +25,7 @@ from lora_course.distributed import (
     resolve_wrap_class,
     save_adapter_on_main,
 )
-from lora_course.memory import TrainingSetup
+from lora_course.memory_estimate import TrainingSetup
 from lora_course.procs import free_port
 from lora_course.scaling import (
     batch_plan,

@@ -12,10 +12,10 @@ def test_gpu_memory_benchmark_measures_within_the_estimators_tolerance():
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from lora_course.gpu_lane import build_gpu_model
     from lora_course.memory import gpu_memory_benchmark
+    from lora_course.models import gpu_model_dir
 
-    model = os.environ.get("LORA_COURSE_GPU_MODEL") or str(build_gpu_model(os.environ.get("LORA_COURSE_TOKENIZER")))
+    model = os.environ.get("LORA_COURSE_GPU_MODEL") or str(gpu_model_dir(os.environ.get("LORA_COURSE_TOKENIZER")))
     ok, runs = gpu_memory_benchmark(os.environ.get("LORA_COURSE_TOKENIZER", ""), batch_size=2, seq_len=128, steps=2,
                                     model_dir=model)
     assert [m.method for m in runs] == ["lora", "qlora"] and all(m.device == "cuda" for m in runs)

@@ -172,3 +172,15 @@ def test_a_tokenizer_without_chat_template_is_refused_at_load(tiny, tmp_path):
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(models.ChatTemplateError, match=r"no chat template.*-Instruct.*chat_template"):
         models.load_base("tiny", str(tmp_path))
+
+
+def test_load_for_method_makes_each_method_trainable_and_refuses_others():
+    """One loader for full fine-tuning, LoRA and QLoRA (the tiny model on the CPU): which weights train, and an
+    unknown method named before anything loads."""
+    with pytest.raises(ValueError, match="unknown method 'dora'"):
+        models.load_for_method("dora", "tiny", None)
+    full, _ = models.load_for_method("full", "tiny", None)
+    assert all(p.requires_grad for p in full.parameters())
+    lora, _ = models.load_for_method("lora", "tiny", None, r=4, targets=("q_proj", "v_proj"))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_course import nf4
+from lora_course import bnb_interop, nf4
 
 bnb_F = pytest.importorskip("bitsandbytes.functional")
 pytestmark = pytest.mark.filterwarnings("ignore:_check_is_size:FutureWarning")
@@ -80,7 +80,7 @@ def test_packed_bytes_absmax_and_dequantize_match_bitsandbytes(dtype, blocksize)
         assert q.shape == w.shape and q.dtype == dtype
         mine = q.dequantize()
         assert mine.dtype == dtype and mine.shape == w.shape
-        c = nf4.check_bnb_dequantize(blocksize=blocksize, weights=w)
+        c = bnb_interop.check_bnb_dequantize(blocksize=blocksize, weights=w)
         checks.append(c)
         if c.verdict == "definition" and (dtype != torch.float16 or c.path == "scalar"):
             # the same float32 products, rounded the same way (float16 ties: away from zero in bitsandbytes'
@@ -97,7 +97,7 @@ def test_other_blocksizes_match_bitsandbytes(blocksize):
     packed, _, deq = _bnb(w, blocksize)
     q = nf4.quantize_nf4(w, blocksize)
     assert torch.equal(q.packed, packed)
-    c = nf4.check_bnb_dequantize(blocksize=blocksize, weights=w)
+    c = bnb_interop.check_bnb_dequantize(blocksize=blocksize, weights=w)
     if c.verdict == "definition":
         assert torch.equal(q.dequantize(), deq)
     _judge([c])
@@ -109,8 +109,8 @@ def test_course_dequantize_is_the_definition_for_every_blocksize_and_dtype():
         for blocksize in nf4.SUPPORTED_BLOCKSIZES:
             w = _weights((96, 576), dtype, seed=blocksize)
             q = nf4.quantize_nf4(w, blocksize)
-            exact = nf4.nf4_definition(q.packed, q.absmax, w.numel(), blocksize)
-            assert nf4.correctly_rounded(q.dequantize(), exact, dtype).all(), (dtype, blocksize)
+            exact = bnb_interop.nf4_definition(q.packed, q.absmax, w.numel(), blocksize)
+            assert bnb_interop.correctly_rounded(q.dequantize(), exact, dtype).all(), (dtype, blocksize)
             if dtype == torch.float32:
                 assert torch.equal(q.dequantize().reshape(-1), exact)
 
@@ -243,13 +243,40 @@ def test_qlora_init_matches_chapter_1_lora_linear():
     assert mine.scaling == ref.scaling
 
 
+
+def test_qlora_linear_on_bf16_has_float32_adapters_and_computes_lora_linear_exactly():
+    """One LoRA pair (lora.LoRAPair): a bf16 QLoRALinear keeps float32 adapters, as LoRALinear does, and equals
+    LoRALinear around an nn.Linear holding the dequantized weight, bit for bit: both compute F.linear(x, Ŵ, b) in
+    bf16 on the same tensors, then the same float32 update added and rounded once, so no tolerance is needed."""
+    lora = pytest.importorskip("lora_course.lora")
+    lin = _linear().to(torch.bfloat16)
+    layer = nf4.QLoRALinear.from_linear(lin, r=8, alpha=16)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    plain = torch.nn.Linear(192, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        plain.weight.copy_(layer.dequantized_weight())
+        plain.bias.copy_(lin.bias)
+    ref = lora.LoRALinear(plain, r=8, alpha=16)
+    assert ref.lora_A.dtype == torch.float32 and ref.scaling == layer.scaling
+    with torch.no_grad():
+        ref.lora_A.copy_(layer.lora_A)
+        ref.lora_B.copy_(layer.lora_B)
+    x = torch.randn(3, 5, 192, dtype=torch.bfloat16)
+    y, y_ref = layer(x), ref(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.float().pow(2).sum().backward()
+    y_ref.float().pow(2).sum().backward()
+    assert torch.equal(layer.lora_A.grad, ref.lora_A.grad) and torch.equal(layer.lora_B.grad, ref.lora_B.grad)
+
 # dequantized_copy of whole 4-bit models, on this CPU and on a simulated AVX512-BF16 one: tests/test_nf4_bnb_cpu.py
 
 
 def test_qlora_quantization_config_is_nf4_with_double_quant_and_the_asked_storage():
     import torch as _torch
 
-    from lora_course.nf4 import qlora_quantization_config
+    from lora_course.bnb_interop import qlora_quantization_config
 
     cfg = qlora_quantization_config(_torch.float16).to_dict()
     assert (cfg["load_in_4bit"], cfg["bnb_4bit_quant_type"], cfg["bnb_4bit_use_double_quant"]) == (True, "nf4", True)

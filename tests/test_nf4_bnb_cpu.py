@@ -4,8 +4,8 @@ On a CPU with AVX512-BF16, ``Linear4bit.forward`` in eval mode without gradients
 (``bitsandbytes.functional._convert_weight_packed_for_cpu``) and computes with a bf16 kernel without backward; on a
 CPU with AVX-512F, ``dequantize_4bit`` runs a vector kernel that is wrong for rows that are not whole blocks. These
 tests build those states here: the conversion is bitsandbytes' own function, called as its forward calls it; the
-bf16 kernel and the AVX-512 dequantize are reproduced in PyTorch from bitsandbytes' C source (``lora_course.nf4``),
-and where this CPU runs the real kernels they are compared with them.
+bf16 kernel and the AVX-512 dequantize are reproduced in PyTorch from bitsandbytes' C source
+(``lora_course.bnb_interop``), and where this CPU runs the real kernels they are compared with them.
 """
 import copy
 import warnings
@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from lora_course import nf4
+from lora_course import bnb_interop, nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 bnb_F = pytest.importorskip("bitsandbytes.functional")
@@ -41,7 +41,7 @@ class _NoBackward(torch.autograd.Function):
 
 def _emulated_gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
     with torch.no_grad():
-        y = nf4.emulate_bnb_cpu_bf16_linear(A, B, state)
+        y = bnb_interop.emulate_bnb_cpu_bf16_linear(A, B, state)
     return _NoBackward.apply(A, y)
 
 
@@ -50,7 +50,7 @@ def avx512_bf16(monkeypatch):
     """This process behaves as bitsandbytes 0.49.2 does on an AVX512-BF16 CPU: Linear4bit layers see the feature
     (their forward then repacks with bitsandbytes' own conversion) and the repacked matmul runs the bf16 kernel.
     Returns a function that switches existing layers over too."""
-    if nf4.cpu_features()["bnb_avx512bf16"]:  # the real kernel runs here: nothing to emulate
+    if bnb_interop.cpu_features()["bnb_avx512bf16"]:  # the real kernel runs here: nothing to emulate
         return lambda model: model
     monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
     monkeypatch.setattr(bnb_F, "gemv_4bit", _emulated_gemv_4bit)
@@ -86,40 +86,40 @@ def _repack(layer):
 def test_cpu_layout_is_undone_byte_for_byte(n_out, n_in, nested, dtype, blocksize):
     layer = _layer(n_out, n_in, nested, dtype, blocksize)
     standard = layer.weight.data.clone()
-    before = nf4.quantized_from_bnb(layer.weight.data, layer.weight.quant_state)
+    before = bnb_interop.quantized_from_bnb(layer.weight.data, layer.weight.quant_state)
     _repack(layer)
     qs = layer.weight.quant_state
-    assert nf4.is_cpu_repacked(qs) and layer.weight.data.shape == (n_out, n_in // 2)
+    assert bnb_interop.is_cpu_repacked(qs) and layer.weight.data.shape == (n_out, n_in // 2)
     assert not torch.equal(layer.weight.data.reshape(-1), standard.reshape(-1))  # the bytes did move
-    mine = nf4.cpu_layout_to_standard(layer.weight.data, qs.shape)
+    mine = bnb_interop.cpu_layout_to_standard(layer.weight.data, qs.shape)
     assert torch.equal(mine, standard.reshape(-1))
     inverse, _ = bnb_F._convert_weight_packed_for_cpu_inverse(layer.weight.data.clone(), copy.deepcopy(qs))
     assert torch.equal(mine, inverse.reshape(-1))  # bitsandbytes' own inverse (its state-dict path) agrees
     # decoded: the same nibbles; each block's absmax is the one the kernel uses, the old one rounded to bf16
-    after = nf4.quantized_from_bnb(layer.weight.data, qs)
+    after = bnb_interop.quantized_from_bnb(layer.weight.data, qs)
     assert torch.equal(after.codes(), before.codes()) and not after.double_quant
     assert torch.equal(after.absmax, before.block_absmax().bfloat16().float())
     assert after.dtype == dtype and after.shape == (n_out, n_in)
-    exact = nf4.nf4_definition(mine, after.absmax, n_out * n_in, blocksize)
-    assert torch.equal(nf4.bnb_weight(layer).reshape(-1), exact)
+    exact = bnb_interop.nf4_definition(mine, after.absmax, n_out * n_in, blocksize)
+    assert torch.equal(bnb_interop.bnb_weight(layer).reshape(-1), exact)
 
 
 def test_cpu_layout_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="not a bitsandbytes CPU-layout weight of shape"):
-        nf4.cpu_layout_to_standard(torch.zeros(48, 32, dtype=torch.uint8), (48, 64))
+        bnb_interop.cpu_layout_to_standard(torch.zeros(48, 32, dtype=torch.uint8), (48, 64))
     layer = _layer(32, 64)
     with pytest.raises(ValueError, match="needs an NF4 weight in bitsandbytes' CPU layout"):
-        nf4.emulate_bnb_cpu_bf16_linear(torch.randn(2, 64), layer.weight.data, layer.weight.quant_state)
+        bnb_interop.emulate_bnb_cpu_bf16_linear(torch.randn(2, 64), layer.weight.data, layer.weight.quant_state)
 
 
 def test_kernel_lookup_table_is_nf4_rounded_to_bf16():
-    lut = nf4._bf16_from_bits(nf4.BNB_CPU_BF16_NF4_LUT)
+    lut = bnb_interop._bf16_from_bits(bnb_interop.BNB_CPU_BF16_NF4_LUT)
     assert torch.equal(lut, nf4.NF4_CODE.to(torch.bfloat16))
 
 
 def test_bnb_dequantize_misreads_the_cpu_layout_and_the_course_does_not():
     layer = _repack(_layer())
-    right = nf4.bnb_weight(layer)
+    right = bnb_interop.bnb_weight(layer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrong = bnb_F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().reshape(right.shape)
@@ -131,15 +131,15 @@ def test_emulated_bf16_kernel_is_within_bf16_rounding_of_the_float32_product():
     layer = _repack(_layer())
     qs = layer.weight.quant_state
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(1))
-    w = nf4.bnb_weight(layer)
-    y = nf4.emulate_bnb_cpu_bf16_linear(x, layer.weight.data, qs)
+    w = bnb_interop.bnb_weight(layer)
+    y = bnb_interop.emulate_bnb_cpu_bf16_linear(x, layer.weight.data, qs)
     ref = x @ w.T
     # x, each level and the output are rounded to bf16 (relative error <= 2^-9 each): |y - ref| <= 2^-9 |ref| for
     # the output plus 2 * 2^-9 * sum_k |x_k w_k| for the inputs; float32 accumulation adds ~1e-7 relative.
     bound = 2**-9 * ref.abs() + 2 * 2**-9 * (x.abs() @ w.abs().T) + 1e-6
     assert ((y - ref).abs() <= bound).all(), ((y - ref).abs() / bound).max()
     assert (y - ref).abs().max() > 0  # it does round (measured 3.6e-3 on outputs up to 1.6)
-    if nf4.cpu_features()["bnb_avx512bf16"]:  # the real kernel runs here: the emulation reproduces it
+    if bnb_interop.cpu_features()["bnb_avx512bf16"]:  # the real kernel runs here: the emulation reproduces it
         real = bnb_F.gemv_4bit(x, layer.weight, state=qs)
         # Same products, same roundings; only the order of the float32 sums may differ, which can move an output
         # by one bf16 step (2^-7 relative) or, near zero, by the float32 sum's own error (2^-24 per term of
@@ -151,12 +151,13 @@ def test_emulated_bf16_kernel_is_within_bf16_rounding_of_the_float32_product():
 
 # ------------------------------------------------------------- bitsandbytes' dequantize vs the definition
 def _avx512_kernel(packed, state, quant_type="nf4"):
-    return nf4.emulate_bnb_avx512_dequantize(packed, state.absmax, tuple(state.shape), state.blocksize, state.dtype)
+    return bnb_interop.emulate_bnb_avx512_dequantize(packed, state.absmax, tuple(state.shape), state.blocksize,
+                                                     state.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_avx512_row_indexing_is_named_where_it_occurs(dtype):
-    c = nf4.check_bnb_dequantize((96, 576), dtype, 128, features=AVX512_BF16_CPU, dequantize=_avx512_kernel)
+    c = bnb_interop.check_bnb_dequantize((96, 576), dtype, 128, features=AVX512_BF16_CPU, dequantize=_avx512_kernel)
     assert c.path == "avx512" and not c.bnb_matches and c.known_deviation
     assert c.course_matches and c.bytes_equal  # the course's own code stays right
     msg = c.message()
@@ -165,14 +166,14 @@ def test_avx512_row_indexing_is_named_where_it_occurs(dtype):
         assert part in msg, msg
     assert 0.005 < c.max_abs_diff < 0.1  # the issue measured 0.039 on such a CPU for float32
     # blocksize 64 divides 576: the same kernel is exact there, so QLoRA's blocksize is not affected
-    ok = nf4.check_bnb_dequantize((96, 576), dtype, 64, features=AVX512_BF16_CPU, dequantize=_avx512_kernel)
+    ok = bnb_interop.check_bnb_dequantize((96, 576), dtype, 64, features=AVX512_BF16_CPU, dequantize=_avx512_kernel)
     assert ok.path == "avx512" and ok.verdict == "definition" and ok.bnb_matches
     assert ok.max_abs_diff == 0 or dtype != torch.float32  # 16-bit: the correct rounding of the float32 product
 
 
 def test_a_deviation_is_only_named_when_it_matches_the_machine_and_the_kernel():
     # the AVX-512 result on a CPU whose bitsandbytes has no AVX-512: not this machine's kernel -> unexplained
-    c = nf4.check_bnb_dequantize((96, 576), torch.float32, 128, features=AVX2_CPU, dequantize=_avx512_kernel)
+    c = bnb_interop.check_bnb_dequantize((96, 576), torch.float32, 128, features=AVX2_CPU, dequantize=_avx512_kernel)
     assert c.path == "scalar" and c.verdict == "unexplained" and not c.known_deviation
     assert "UNEXPLAINED" in c.message()
 
@@ -180,12 +181,13 @@ def test_a_deviation_is_only_named_when_it_matches_the_machine_and_the_kernel():
         out = _avx512_kernel(packed, state)
         return out * 1.001
 
-    c = nf4.check_bnb_dequantize((96, 576), torch.float32, 128, features=AVX512_BF16_CPU, dequantize=off_by_a_little)
+    c = bnb_interop.check_bnb_dequantize((96, 576), torch.float32, 128, features=AVX512_BF16_CPU,
+                                         dequantize=off_by_a_little)
     assert c.verdict == "unexplained" and not c.known_deviation
 
 
 def test_path_prediction_follows_bitsandbytes_dispatch():
-    P = nf4.bnb_dequantize_path
+    P = bnb_interop.bnb_dequantize_path
     assert P((96, 576), torch.float32, 64, AVX2_CPU) == "scalar"
     assert P((96, 576), torch.float32, 64, AVX512_BF16_CPU) == "avx512"
     assert P((96, 577), torch.float32, 64, AVX512_BF16_CPU) == "python"  # odd last dimension
@@ -195,7 +197,7 @@ def test_path_prediction_follows_bitsandbytes_dispatch():
 
 
 def test_report_on_this_machine_is_consistent():
-    r = nf4.bnb_cpu_report(blocksizes=(64, 128))
+    r = bnb_interop.bnb_cpu_report(blocksizes=(64, 128))
     cpu, fwd = r["cpu"], r["forward"]
     assert r["bitsandbytes"] == bnb.__version__
     for bs, d in r["dequantize"].items():
@@ -207,12 +209,12 @@ def test_report_on_this_machine_is_consistent():
     assert fwd["eval_forward_repacks"] == cpu["bnb_avx512bf16"]
     if not fwd["eval_forward_repacks"]:  # float32 all along: exact (measured 0.0), gradient right
         assert fwd["eval_forward_rel_err"] < 1e-5 and fwd["train_grad_rel_err"] < 1e-5
-    text = nf4.format_bnb_cpu_report(r)
+    text = bnb_interop.format_bnb_cpu_report(r)
     assert "blocksize   64" in text and "repacks in place" in text
 
 
 def test_report_on_a_simulated_avx512_bf16_cpu(avx512_bf16):
-    fwd = nf4.check_bnb_forward()
+    fwd = bnb_interop.check_bnb_forward()
     assert fwd["eval_forward_repacks"] and fwd["eval_forward_dtype"] == "bfloat16"
     # bf16 rounding of inputs, levels and outputs: relative error of order 2^-9 (measured 2.2e-3), not float32's
     assert 1e-4 < fwd["eval_forward_rel_err"] < 2e-2
@@ -227,8 +229,8 @@ def test_training_from_the_start_never_repacks(avx512_bf16):
     layer = avx512_bf16(_layer()).train()  # QLoRA training: train mode, gradients on
     x = torch.randn(3, 576, requires_grad=True)
     layer(x).sum().backward()
-    assert not nf4.is_cpu_repacked(layer.weight.quant_state)  # Linear4bit.forward repacks only in eval mode
-    torch.testing.assert_close(x.grad, torch.ones(3, 96) @ nf4.bnb_weight(layer), rtol=1e-5, atol=1e-6)
+    assert not bnb_interop.is_cpu_repacked(layer.weight.quant_state)  # Linear4bit.forward repacks only in eval mode
+    torch.testing.assert_close(x.grad, torch.ones(3, 96) @ bnb_interop.bnb_weight(layer), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- whole models
@@ -282,11 +284,11 @@ def _layers(model):
 
 def test_copy_after_an_eval_forward_on_an_avx512_bf16_cpu_computes_the_same_function(avx512_bf16):
     q = avx512_bf16(_tiny_qlora())
-    standard = _logits(nf4.dequantized_copy(q))
+    standard = _logits(bnb_interop.dequantized_copy(q))
     logits = _logits(q)  # the eval forward repacks every layer in place and runs the bf16 kernel
-    assert all(nf4.is_cpu_repacked(m.weight.quant_state) for m in _layers(q))
+    assert all(bnb_interop.is_cpu_repacked(m.weight.quant_state) for m in _layers(q))
     state = [(m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for m in _layers(q)]
-    d = nf4.dequantized_copy(q)
+    d = bnb_interop.dequantized_copy(q)
     assert not _layers(d)
     diff = (_logits(d) - logits).abs().max().item()
     noise = _bf16_noise_floor(q, d)
@@ -311,18 +313,18 @@ def test_copy_after_an_eval_forward_on_an_avx512_bf16_cpu_computes_the_same_func
     # the original still works, untouched: same bytes, same state, same logits
     for m, (data, absmax) in zip(_layers(q), state):
         assert torch.equal(m.weight.data, data) and torch.equal(m.weight.quant_state.absmax, absmax)
-        assert nf4.is_cpu_repacked(m.weight.quant_state)
+        assert bnb_interop.is_cpu_repacked(m.weight.quant_state)
     assert torch.equal(_logits(q), logits)
 
 
 def test_copy_made_before_and_after_a_forward_on_this_cpu():
     """The branch this machine takes (repacking or not), without emulation: the copy matches the model."""
     q = _tiny_qlora()
-    before = nf4.dequantized_copy(q)
+    before = bnb_interop.dequantized_copy(q)
     logits = _logits(q)
-    after = nf4.dequantized_copy(q)
-    repacked = all(nf4.is_cpu_repacked(m.weight.quant_state) for m in _layers(q))
-    assert repacked == nf4.cpu_features()["bnb_avx512bf16"]
+    after = bnb_interop.dequantized_copy(q)
+    repacked = all(bnb_interop.is_cpu_repacked(m.weight.quant_state) for m in _layers(q))
+    assert repacked == bnb_interop.cpu_features()["bnb_avx512bf16"]
     if repacked:
         noise = _bf16_noise_floor(q, after)
         assert (_logits(after) - logits).abs().max() <= 2 * noise  # derivation in the emulated test above
@@ -337,29 +339,29 @@ def test_copy_made_before_and_after_a_forward_on_this_cpu():
 def test_direct_conversion_then_copy_equals_the_decoded_definition():
     """The conversion function itself, as the forward calls it, on every layer: the copy holds code*absmax(bf16)."""
     q = _tiny_qlora()
-    std = {id(m): nf4.quantized_from_bnb(m.weight.data, m.weight.quant_state) for m in _layers(q)}
+    std = {id(m): bnb_interop.quantized_from_bnb(m.weight.data, m.weight.quant_state) for m in _layers(q)}
     for m in _layers(q):
         _repack(m)
-    d = nf4.dequantized_copy(q)
+    d = bnb_interop.dequantized_copy(q)
     names = {n: m for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     copies = dict(d.named_modules())
     for n, m in names.items():
         s = std[id(m)]
-        exact = nf4.nf4_definition(s.packed, s.block_absmax().bfloat16().float(), s.shape.numel(), s.blocksize)
+        exact = bnb_interop.nf4_definition(s.packed, s.block_absmax().bfloat16().float(), s.shape.numel(), s.blocksize)
         assert torch.equal(copies[n].weight.detach().reshape(-1), exact), n
 
 
 def test_disable_cpu_repacking_keeps_the_float32_path_and_restores_without_loss(avx512_bf16):
     q = avx512_bf16(_tiny_qlora())
     _logits(q)  # repacked
-    held = {id(m): nf4.bnb_weight(m) for m in _layers(q)}
-    assert nf4.disable_cpu_repacking(q) == len(_layers(q)) == 14
+    held = {id(m): bnb_interop.bnb_weight(m) for m in _layers(q)}
+    assert bnb_interop.disable_cpu_repacking(q) == len(_layers(q)) == 14
     for m in _layers(q):
-        assert not nf4.is_cpu_repacked(m.weight.quant_state) and not m.support_avx512bf16_for_cpu
-        assert torch.equal(nf4.bnb_weight(m), held[id(m)])  # exactly the weights the kernel used
+        assert not bnb_interop.is_cpu_repacked(m.weight.quant_state) and not m.support_avx512bf16_for_cpu
+        assert torch.equal(bnb_interop.bnb_weight(m), held[id(m)])  # exactly the weights the kernel used
     logits = _logits(q)  # no repack any more: float32, the definition
-    assert not any(nf4.is_cpu_repacked(m.weight.quant_state) for m in _layers(q))
-    assert (logits - _logits(nf4.dequantized_copy(q))).abs().max() <= 1e-5 * logits.abs().max()
+    assert not any(bnb_interop.is_cpu_repacked(m.weight.quant_state) for m in _layers(q))
+    assert (logits - _logits(bnb_interop.dequantized_copy(q))).abs().max() <= 1e-5 * logits.abs().max()
     # training after that evaluation gets its gradients through the frozen 4-bit weights again
     q.train()
     x = q.get_input_embeddings()(IDS).detach().requires_grad_(True)
@@ -369,6 +371,6 @@ def test_disable_cpu_repacking_keeps_the_float32_path_and_restores_without_loss(
     sd = q.get_base_model().state_dict()
     for n, m in q.get_base_model().named_modules():
         if isinstance(m, bnb.nn.Linear4bit):
-            s = nf4.quantized_from_bnb(m.weight.data, m.weight.quant_state)
+            s = bnb_interop.quantized_from_bnb(m.weight.data, m.weight.quant_state)
             assert torch.equal(sd[n + ".weight"].reshape(-1), s.packed.reshape(-1))
             assert torch.equal(sd[n + ".weight.absmax"], s.absmax)

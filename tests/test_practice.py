@@ -171,8 +171,9 @@ def test_dequantized_weights_of_a_4bit_model(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from lora_course.bnb_interop import bnb_weight, disable_cpu_repacking
     from lora_course.models import tiny_model_dir
-    from lora_course.nf4 import bnb_weight, disable_cpu_repacking, quantize_nf4
+    from lora_course.nf4 import quantize_nf4
 
     q = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32, device_map={"": "cpu"},
                                              quantization_config=BitsAndBytesConfig(

@@ -20,10 +20,9 @@ def test_token_budget_splits_long_batches_and_keeps_the_loss(tmp_path):
     from transformers import AutoTokenizer
 
     from lora_course import bench
-    from lora_course.gpu_lane import build_gpu_model
-    from lora_course.models import prepare_tokenizer
+    from lora_course.models import gpu_model_dir, prepare_tokenizer
 
-    source = os.environ.get("LORA_COURSE_GPU_MODEL") or str(build_gpu_model(os.environ.get("LORA_COURSE_TOKENIZER")))
+    source = os.environ.get("LORA_COURSE_GPU_MODEL") or str(gpu_model_dir(os.environ.get("LORA_COURSE_TOKENIZER")))
     whole = bench.parse_configs("fast@batching=padded@group_by_length=true", batch_size=8, max_length=512,
                                 warmup_steps=1, measure_steps=3)[0]
     split = bench.replace(whole, token_budget=1024, name=whole.name + " [token_budget=1024]")

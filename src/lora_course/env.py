@@ -75,7 +75,8 @@ def doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = F
     The CPU's flags are part of it because some kernels depend on them: bitsandbytes' CPU 4-bit kernels change
     layout and precision on AVX512-BF16 CPUs, and llama.cpp built with AMX crashed on quantized models (issue 28).
     ``check_llama`` decodes small Q8_0 and Q4_K_M GGUFs in a child process (``llama_runtime.llama_cpp_check``) and
-    says what to do when that fails; ``check_bnb`` measures bitsandbytes' CPU 4-bit kernels (``nf4.bnb_cpu_report``).
+    says what to do when that fails; ``check_bnb`` measures bitsandbytes' CPU 4-bit kernels
+    (``bnb_interop.bnb_cpu_report``).
     """
     import platform as _platform
 
@@ -107,7 +108,7 @@ def doctor(profile: str = "auto", check_llama: bool = False, check_bnb: bool = F
         report["ram_total_gib"] = round(mem["total"], 1)
         report["ram_available_gib"] = round(mem["available"], 1)
     if check_bnb:
-        from .nf4 import bnb_cpu_report
+        from .bnb_interop import bnb_cpu_report
 
         bnb = bnb_cpu_report(blocksizes=(64, 128, 256))
         off = {bs: d["verdict"] for bs, d in bnb["dequantize"].items() if d["max_abs_diff"] > 0}

@@ -220,15 +220,15 @@ def code_version() -> str:
     bytes), and the versions of the libraries that compute it (``STACK``)."""
     from importlib.metadata import version
 
-    from . import memory
     from .data import TASKS, collate, load_task, tokenize_example
     from .evaluate import evaluate_task, generate, perplexity, score
+    from .memory import cpu_peak_bytes, cpu_peak_start
+    from .models import load_for_method
     from .paths import data_dir
     from .train import train_steps
 
     funcs = (train_steps, tokenize_example, collate, load_task, evaluate_task, generate, perplexity, score,
-             build_model, run_one, RunConfig.resolved, memory.load_for_method, memory.cpu_peak_start,
-             memory.cpu_peak_bytes)
+             build_model, run_one, RunConfig.resolved, load_for_method, cpu_peak_start, cpu_peak_bytes)
     data = {f"{t}/{split}": _sha((data_dir() / t / f"{split}.jsonl").read_bytes())[:16]
             for t in TASKS for split in ("train", "eval") if (data_dir() / t / f"{split}.jsonl").is_file()}
     blob = json.dumps({"version": EXPERIMENTS_VERSION, "defaults": DEFAULT_LR, "targets": TARGET_SETS,
@@ -718,8 +718,9 @@ def check_claims(records: Sequence[dict[str, Any]], upcast_mib: float = 0.0) -> 
 
     Verdicts come from ``effect`` (a difference beyond twice the spread over seeds) and from measured memory and
     time; a claim about 7B+ models or about other tasks is out of reach and says so instead of being judged.
-    ``upcast_mib``: what the QLoRA base holds in fp32 beyond LoRA's compute dtype (``memory.qlora_upcast_bytes``;
-    0 on a CPU). A QLoRA peak above LoRA's by less than that is the size regime, not a broken quantization.
+    ``upcast_mib``: what the QLoRA base holds in fp32 beyond LoRA's compute dtype
+    (``memory_estimate.qlora_upcast_bytes``; 0 on a CPU). A QLoRA peak above LoRA's by less than that is the size
+    regime, not a broken quantization.
     """
     out: list[dict[str, str]] = []
 

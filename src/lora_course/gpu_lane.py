@@ -2,7 +2,7 @@
 
 GPU machines used for the course's checks may have no network, so the model is local. By default it is built on
 the spot: a random-init Llama of a real ~1B shape (Llama-3.2-1B's layers with the course tokenizer,
-``memory.LLAMA_3_2_1B_SHAPE``), written by ``models.random_model_dir`` and passed to each notebook as ``MODEL_ID``.
+``models.LLAMA_3_2_1B_SHAPE``), written by ``models.gpu_model_dir`` and passed to each notebook as ``MODEL_ID``.
 A random-init model shows mechanics, speed and memory, never task quality: the notebooks read ``pretrained=False``
 from it and assert only what such a model can show (they say so in their output). ``--model-id`` runs the lane on
 a real pretrained model instead (a local folder staged on the GPU machine, e.g. the ``cpu`` profile's
@@ -43,17 +43,10 @@ from typing import Any
 
 from .course import NotebookRun, run_notebook, schedule, write_report
 from .hardware import EMULATE_ENV, EMULATIONS, usable_cpus
+from .models import gpu_model_dir
 from .notebook import parameter_names
 
 LANE_PROFILES: tuple[str, ...] = ("gpu", "colab", "kaggle", "auto")
-
-
-def build_gpu_model(tokenizer_source: str | Path | None = None, dtype: str = "bfloat16") -> Path:
-    """The locally built ~1B Llama (random init, cached) that the GPU lane passes as ``MODEL_ID``."""
-    from .memory import LLAMA_3_2_1B_SHAPE
-    from .models import random_model_dir
-
-    return random_model_dir("llama-3.2-1b-shape", LLAMA_3_2_1B_SHAPE, 0, dtype, tokenizer_source=tokenizer_source)
 
 
 def check_model_dir(model_id: str | Path) -> Path:
@@ -192,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         p.error("the GPU lane needs a CUDA GPU (torch.cuda.is_available() is False); on CPU run `make test`")
     try:
-        model_id = str(check_model_dir(a.model_id)) if a.model_id else str(build_gpu_model(a.tokenizer_source))
+        model_id = str(check_model_dir(a.model_id)) if a.model_id else str(gpu_model_dir(a.tokenizer_source))
         env = lane_environment(a.emulate)
     except ValueError as e:
         p.error(str(e))

@@ -27,53 +27,57 @@ from torch import nn
 ALL_LINEAR = "all-linear"
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update ``scaling · B @ A`` (peft's ``lora.Linear``).
+class LoRAPair(nn.Module):
+    """The trainable half of a LoRA layer: ``A`` (r x in), ``B`` (out x r), ``scaling``, dropout, and the update.
 
-    The wrapped layer is kept as ``base_layer`` (peft's name, so state-dict keys read alike). ``merge()`` adds
-    ``ΔW`` into the base weight and sets ``merged``; while merged, ``forward`` is the base layer alone, so the
-    update is never applied twice. ``unmerge()`` subtracts it again.
+    The one implementation of the pair, shared by ``LoRALinear`` (a frozen ``nn.Linear``) and
+    ``nf4.QLoRALinear`` (a frozen NF4 weight): a subclass holds its frozen base, calls ``init_lora_pair`` in its
+    constructor and ``add_lora_update(x, result)`` at the end of its forward. The names (``lora_A``, ``lora_B``,
+    ``lora_dropout``, ``scaling``, ``r``, ``alpha``) are peft's, so state-dict keys read alike::
+
+        y = result + scaling · (dropout(x) A^T) B^T,   ΔW = scaling · B @ A,   result = the base layer's output
+
+    ``scaling = alpha / r`` (Hu et al.), or ``alpha / sqrt(r)`` with rsLoRA: Hu et al. keep alpha fixed (scale
+    alpha / r); rsLoRA (Kalajdzievski 2023) shows each step's change to delta W then shrinks like 1/sqrt(r), and
+    alpha / sqrt(r) keeps it the same for every r (notebook 01 measures both, and alpha = 2r, whose step grows like
+    sqrt(r)).
+
+    ``A`` starts Kaiming-uniform and ``B`` at zero (``reset_lora_parameters`` says why), so the layer starts exactly
+    equal to its base. Adapters of a half-precision base are kept in float32 (``adapter_dtype``).
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False) -> None:
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear layers, got {type(base).__name__}")
+    r: int
+    alpha: float
+    use_rslora: bool
+    scaling: float
+    lora_dropout: nn.Module
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    @staticmethod
+    def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+        """float32 for a float16/bfloat16 base, else the base's dtype (peft's ``autocast_adapter_dtype``).
+
+        Why: small updates to bf16 factors would round away. The forward casts the input to this dtype and the
+        result back.
+        """
+        return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+    def init_lora_pair(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                       use_rslora: bool, weight_dtype: torch.dtype, device: torch.device | str | None) -> None:
+        """Create ``lora_dropout``, ``lora_A`` and ``lora_B`` (in ``adapter_dtype(weight_dtype)`` on ``device``) and
+        initialise them; call after ``nn.Module.__init__``."""
         if r <= 0:
             raise ValueError(f"the rank r must be a positive integer, got {r}")
-        self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.r = int(r)
         self.alpha = float(alpha)
         self.use_rslora = use_rslora
-        # Hu et al. keep alpha fixed (scale alpha / r); rsLoRA (Kalajdzievski 2023) shows each step's change to
-        # delta W then shrinks like 1/sqrt(r), and alpha / sqrt(r) keeps it the same for every r (notebook 01
-        # measures both, and alpha = 2r, whose step grows like sqrt(r)).
         self.scaling = self.alpha / math.sqrt(self.r) if use_rslora else self.alpha / self.r
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Adapters of a half-precision base are kept in float32 (peft's autocast_adapter_dtype): small updates to
-        # bf16 factors would round away. The forward casts to their dtype and back.
-        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
-        factory = {"device": base.weight.device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, **factory))
-        self.merged = False
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = {"device": device, "dtype": self.adapter_dtype(weight_dtype)}
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
         self.reset_lora_parameters()
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight (merged or not), so code that reads ``layer.weight`` keeps working."""
-        return self.base_layer.weight
 
     def reset_lora_parameters(self) -> None:
         """peft's default: ``A`` Kaiming-uniform with a=sqrt(5) (``nn.Linear``'s own init), ``B`` zeros.
@@ -88,14 +92,56 @@ class LoRALinear(nn.Module):
         """``ΔW = scaling · B @ A``, shaped like the base weight (out x in)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def add_lora_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + scaling · (dropout(x) A^T) B^T``, in ``result``'s dtype.
+
+        Two thin matmuls (x A^T, then · B^T) instead of materialising ΔW: O(r·(in+out)) per token. ``x`` is cast to
+        the adapters' dtype; the sum is formed in the adapters' precision and rounded once (as peft).
+        """
+        x = x.to(self.lora_A.dtype)
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return (result + update).to(result.dtype)
+
+
+class LoRALinear(LoRAPair):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``scaling · B @ A`` (peft's ``lora.Linear``).
+
+    The pair itself (init, scaling, dtype, update) is ``LoRAPair``'s. The wrapped layer is kept as ``base_layer``
+    (peft's name, so state-dict keys read alike). ``merge()`` adds ``ΔW`` into the base weight and sets ``merged``;
+    while merged, ``forward`` is the base layer alone, so the update is never applied twice. ``unmerge()``
+    subtracts it again.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear layers, got {type(base).__name__}")
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.init_lora_pair(base.in_features, base.out_features, r, alpha, dropout, use_rslora,
+                            base.weight.dtype, base.weight.device)
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (merged or not), so code that reads ``layer.weight`` keeps working."""
+        return self.base_layer.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
-        # Two thin matmuls (x A^T, then · B^T) instead of materialising ΔW: O(r·(in+out)) per token.
-        x = x.to(self.lora_A.dtype)
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
-        return (result + update).to(result.dtype)  # add in the adapter's precision, round once (as peft)
+        return self.add_lora_update(x, result)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -214,5 +260,5 @@ def count_lora_params(model_or_in_features: nn.Module | int, out_features: int |
     return int(r) * (int(model_or_in_features) + int(out_features))
 
 
-__all__ = ["ALL_LINEAR", "LoRALinear", "add_lora_to_model", "count_lora_params", "linear_layer_names",
+__all__ = ["ALL_LINEAR", "LoRALinear", "LoRAPair", "add_lora_to_model", "count_lora_params", "linear_layer_names",
            "lora_layers", "lora_state_dict", "merge_lora_weights"]

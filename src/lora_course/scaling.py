@@ -1,8 +1,8 @@
 """What each process holds and sends when a LoRA is trained on N processes: memory per rank and bytes per step.
 
-``estimate_memory_per_rank`` extends notebook 04's ``memory.estimate_memory`` with a world size. Under DDP every rank
-holds everything (plus DDP's gradient buckets, a second copy of the gradients it all-reduces); under FSDP each
-rank keeps 1/N of every parameter, gradient and optimizer state (each parameter's first dimension padded to a
+``estimate_memory_per_rank`` extends notebook 04's ``memory_estimate.estimate_memory`` with a world size. Under DDP
+every rank holds everything (plus DDP's gradient buckets, a second copy of the gradients it all-reduces); under FSDP
+each rank keeps 1/N of every parameter, gradient and optimizer state (each parameter's first dimension padded to a
 multiple of N), and a unit's full weights only while it computes. Activations belong to the per-process batch.
 
 ``communication_per_step`` counts the bytes each rank sends in one optimizer step from the model's shape and
@@ -26,12 +26,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .memory import DTYPE_BYTES, MemoryEstimate, TrainingSetup, estimate_memory
+from .memory_estimate import DTYPE_BYTES, MemoryEstimate, TrainingSetup, estimate_memory
 from .shapes import ModelShape
 
 BACKENDS: tuple[str, ...] = ("nccl", "gloo")
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
-# Components of memory.estimate_memory that are model state (sharded by FSDP) or per-process work (not sharded).
+# Components of memory_estimate.estimate_memory: model state (sharded by FSDP) or per-process work (not sharded).
 _STATE = ("weights", "quant constants", "gradients", "fp32 master weights", "LoRA params", "LoRA gradients",
           "optimizer states")
 _WORK = ("activations", "optimizer step temporaries", "cuBLAS workspaces")

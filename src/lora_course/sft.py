@@ -322,7 +322,7 @@ def load_for_sft(recipe: SFTRecipe, source: str, seed: int = 0) -> tuple[Any, An
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .nf4 import qlora_quantization_config
+        from .bnb_interop import qlora_quantization_config
 
         tok = AutoTokenizer.from_pretrained(source)
         cuda = torch.cuda.is_available() and recipe.precision != "fp32"

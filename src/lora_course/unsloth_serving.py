@@ -264,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         (_plain if a.phase == "plain" else _unsloth)(job)
         return 0
     if a.model_dir is None:
-        from .gpu_lane import build_gpu_model
+        from .models import gpu_model_dir
 
-        a.model_dir = str(build_gpu_model(a.tokenizer_source))
+        a.model_dir = str(gpu_model_dir(a.tokenizer_source))
     rep = check(a.model_dir)
     print(json.dumps(rep, indent=1))
     if a.out:
