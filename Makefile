@@ -63,8 +63,10 @@ model: setup
 # beside its training, so it uses both cores itself (measured: 85 s alone, 151 s beside another notebook). 08 compares
 # llama.cpp's and transformers' tokens/s on all cores, which another notebook on the second core would decide
 # (measured: 7.5x alone, 3.4x beside another). 09's live re-check trains its two runs in two processes of their own,
-# so it too uses both cores (measured: 72 s alone, 126-145 s beside another notebook).
-SOLO_NOTEBOOKS := notebooks/04_qlora.ipynb notebooks/08_merge_and_export.ipynb notebooks/09_experiments.ipynb
+# so it too uses both cores (measured: 72 s alone, 126-145 s beside another notebook). 08 is one process: alone, it
+# gets every core as threads (ALL_CORES_NOTEBOOKS: OMP_NUM_THREADS = the usable CPUs; 151 s -> 135 s on 2 cores).
+ALL_CORES_NOTEBOOKS := notebooks/08_merge_and_export.ipynb
+SOLO_NOTEBOOKS := notebooks/04_qlora.ipynb $(ALL_CORES_NOTEBOOKS) notebooks/09_experiments.ipynb
 PARALLEL_NOTEBOOKS := $(filter-out $(SOLO_NOTEBOOKS),$(NOTEBOOKS))
 
 # Every notebook runs once, with papermill, keeping its outputs in build/ (the course runner: two at a time, then the
@@ -72,7 +74,7 @@ PARALLEL_NOTEBOOKS := $(filter-out $(SOLO_NOTEBOOKS),$(NOTEBOOKS))
 # for the notebooks: with the Agg exported above for the unit tests, plt.show() draws nothing into a notebook and the
 # executed notebooks (and the site) have no figures; unset, ipykernel selects its inline backend, as in JupyterLab.
 COURSE_RUN = env -u MPLBACKEND $(PY) -m lora_course.course --workers $(NB_WORKERS) --out build $(NOTEBOOKS) \
-	--solo $(SOLO_NOTEBOOKS)
+	--solo $(SOLO_NOTEBOOKS) --all-cores $(ALL_CORES_NOTEBOOKS)
 SITE_BUILD = $(PY) -m lora_course.site --build build --out build/site
 SITE_CHECK = $(PY) scripts/site_check.py --site build/site --build build --shots build/site-shots --require-figures
 

@@ -53,6 +53,27 @@ def test_quantize_k_quant_reports_fallbacks_for_narrow_rows(tiny_gguf, tmp_path)
     assert len(report.other_types) == report.n_tensors == 20 and len(matrices) == 15
     assert all("not a multiple of Q4_K's block of 256" in t.reason for t in matrices)
     assert set(report.type_counts()) <= {"F32", "Q5_0", "Q8_0", "Q6_K"}
+    # the summary has one line per (stored type, reason), the details one per tensor
+    groups = report.groups()
+    assert sum(len(ts) for _, _, ts in groups) == 20 and len(groups) < 20
+    assert len(str(report).splitlines()) == 2 + len(groups)
+    assert len(report.details().splitlines()) == 1 + 20 and all(t.name in report.details() for t in report.other_types)
+
+
+def test_what_c_code_writes_to_stderr_goes_into_the_report_not_the_output(capfd):
+    """llama.cpp prints a two-line fallback warning per tensor a k-quant cannot store (on SmolLM2's Q4_K_M: 360 lines
+    in notebook 08's output); quantize collects file descriptor 2 while llama.cpp runs, and restores it after."""
+    import os
+    import sys
+
+    got: list[str] = []
+    with gguf_quant._stderr_captured(got):
+        os.write(2, b"warning: blk.0.attn_k.weight - ncols 576 not divisible by 256\n")
+        print("-> falling back to q5_0", file=sys.stderr)  # llama-cpp-python's log callback writes this way
+    os.write(2, b"after\n")
+    assert "ncols 576" in "".join(got) and "falling back to q5_0" in "".join(got)
+    err = capfd.readouterr().err
+    assert "falling back" not in err and "after" in err
 
 
 def test_nominal_bits_per_weight_from_the_block_formats(tiny_gguf, tmp_path):

@@ -32,6 +32,16 @@ def test_course_schedule_runs_solo_notebooks_after_the_others(tmp_path):
     assert schedule(nbs, []) == (sorted(nbs), [])
 
 
+def test_course_gives_all_cores_notebooks_every_usable_cpu_and_others_nothing(tmp_path, monkeypatch):
+    from lora_course import hardware
+    from lora_course.course import solo_environ
+
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: 6)
+    nb08, nb04 = tmp_path / "08_merge.ipynb", tmp_path / "04_qlora.ipynb"
+    assert solo_environ(nb08, [tmp_path / "." / "08_merge.ipynb"]) == {"OMP_NUM_THREADS": "6"}
+    assert solo_environ(nb04, [nb08]) == {}  # 04 starts a process of its own beside its training: one thread each
+
+
 def test_course_report_shows_skipped_notebooks_as_skipped(tmp_path):
     from lora_course.course import NotebookRun, write_report
 

@@ -98,6 +98,19 @@ def schedule(notebooks: list[Path], solo: list[Path]) -> tuple[list[Path], list[
             [nb for nb in ordered if nb.resolve() in alone_set])
 
 
+def solo_environ(notebook: Path, all_cores: list[Path]) -> dict[str, str]:
+    """The environment a solo notebook adds: ``OMP_NUM_THREADS`` = every usable CPU for those in ``all_cores``.
+
+    Under ``make`` every notebook gets one thread (two run side by side on two cores). A notebook that then runs
+    alone in one process, such as 08 (llama.cpp's parity checks and quantization, torch's training), would leave
+    the other core idle: measured on a 2-core AVX2 EPYC, 08 took 151 s with one thread and 135 s with two.
+    """
+    from .hardware import usable_cpus
+
+    wanted = {Path(p).resolve() for p in all_cores}
+    return {"OMP_NUM_THREADS": str(usable_cpus())} if Path(notebook).resolve() in wanted else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
@@ -107,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="papermill parameter for every notebook, e.g. -p PROFILE cpu")
     parser.add_argument("--solo", nargs="*", type=Path, default=[],
                         help="notebooks that run after the others, alone (their speed comparisons need every core)")
+    parser.add_argument("--all-cores", nargs="*", type=Path, default=[],
+                        help="solo notebooks whose one process may use every core: OMP_NUM_THREADS = the usable CPUs "
+                             "(not for a notebook that starts processes of its own to fill the cores)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     params = dict(args.parameter)
-    together, alone = schedule(args.notebooks, args.solo)
+    together, alone = schedule(args.notebooks, [*args.solo, *args.all_cores])
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         runs = list(pool.map(lambda nb: run_notebook(nb, args.out, params), together))
-    runs += [run_notebook(nb, args.out, params) for nb in alone]
+    runs += [run_notebook(nb, args.out, params, solo_environ(nb, args.all_cores)) for nb in alone]
     runs.sort(key=lambda r: r.notebook)
     for r in runs:
         print(f"{'ok    ' if r.ok else 'FAILED'} {r.notebook:40s} {r.seconds:6.0f} s  {r.error}")

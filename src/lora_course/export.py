@@ -12,7 +12,7 @@ The path from a fine-tuned adapter to a GGUF file that llama.cpp, llama-cpp-pyth
   (``llama_cpp.Llama(model_path=base, lora_path=adapter)``);
 - ``read_gguf_header`` / ``gguf_tokenizer_summary``: what a GGUF file holds, read straight from its header;
 - shared by the export modules: ``ExportError`` and its subclasses, atomic writes (``_check_destination``,
-  ``_atomic_path``), ``file_size_mib``, ``format_table`` and llama.cpp's thread count (``_threads``);
+  ``_atomic_path``), ``file_size_mib``, ``format_table`` and llama.cpp's thread count (``llama_threads``);
 - the CLI: ``python -m lora_course.export --fetch-converter`` and ``--check`` (``llama_runtime.llama_cpp_check``).
 
 The rest of the chapter's export is one module per concept: ``gguf_quant`` (quantize a GGUF, what each type
@@ -73,7 +73,7 @@ class UnknownQuantizationError(ExportError, ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _threads() -> int:
+def llama_threads() -> int:
     """Threads for llama.cpp: ``OMP_NUM_THREADS`` when set (the course runs one per process), else every usable CPU."""
     from .hardware import usable_cpus
 

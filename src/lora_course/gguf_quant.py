@@ -15,9 +15,12 @@ vendored in llama-cpp-python 0.3.36.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +31,8 @@ from .export import (
     UnknownQuantizationError,
     _atomic_path,
     _check_destination,
-    _threads,
     file_size_mib,
+    llama_threads,
     read_gguf_header,
 )
 
@@ -93,6 +96,7 @@ class QuantizeReport:
     n_tensors: int
     other_types: list[TensorType] = field(default_factory=list)
     seconds: float = 0.0
+    llama_log: str = ""  # what llama.cpp wrote to stderr while quantizing (one fallback warning per narrow tensor)
 
     def type_counts(self) -> dict[str, int]:
         """How many tensors were stored in each other type."""
@@ -101,13 +105,27 @@ class QuantizeReport:
             counts[t.stored] = counts.get(t.stored, 0) + 1
         return counts
 
+    def groups(self) -> list[tuple[str, str, list[TensorType]]]:
+        """The tensors in another type grouped by (stored type, reason), largest group first."""
+        by: dict[tuple[str, str], list[TensorType]] = {}
+        for t in self.other_types:
+            by.setdefault((t.stored, t.reason), []).append(t)
+        return [(stored, reason, ts) for (stored, reason), ts in sorted(by.items(), key=lambda kv: -len(kv[1]))]
+
     def __str__(self) -> str:
+        """One line per (stored type, reason) with a count and an example tensor; ``details()`` lists every one."""
         lines = [(f"{self.path.name}: {self.qtype}, {self.size_mib:.1f} MiB, {self.bits_per_weight:.2f} bits/weight, "
                  f"{len(self.other_types)} of {self.n_tensors} tensors in another type ({self.seconds:.1f} s)")]
         if self.other_types:
-            lines.append(f"  {'tensor':<28} {'shape':<14} {'stored':<7} reason")
-            for t in self.other_types:
-                lines.append(f"  {t.name:<28} {t.shape!s:<14} {t.stored:<7} {t.reason}")
+            lines.append(f"  {'tensors':>7} {'stored':<7} {'example':<28} reason")
+            for stored, reason, ts in self.groups():
+                lines.append(f"  {len(ts):>7} {stored:<7} {ts[0].name:<28} {reason}")
+        return "\n".join(lines)
+
+    def details(self) -> str:
+        """Every tensor in another type: name, shape (ggml order), stored type, reason."""
+        lines = [f"  {'tensor':<28} {'shape':<14} {'stored':<7} reason"]
+        lines += [f"  {t.name:<28} {t.shape!s:<14} {t.stored:<7} {t.reason}" for t in self.other_types]
         return "\n".join(lines)
 
 
@@ -155,7 +173,7 @@ def quantize_command(gguf_path: str | Path, out_path: str | Path, qtype: str = "
     types = quantization_types()
     if key not in types:
         raise UnknownQuantizationError(f"unknown quantization {qtype!r}: llama.cpp knows {', '.join(sorted(types))}")
-    return [QUANTIZE_BINARY, str(gguf_path), str(out_path), key, str(nthread or _threads())]
+    return [QUANTIZE_BINARY, str(gguf_path), str(out_path), key, str(nthread or llama_threads())]
 
 
 def quantize(gguf_path: str | Path, out_path: str | Path, qtype: str = "Q8_0", nthread: int | None = None,
@@ -183,11 +201,14 @@ def quantize(gguf_path: str | Path, out_path: str | Path, qtype: str = "Q8_0", n
     log = logging.getLogger("llama-cpp-python")  # llama.cpp logs every tensor while quantizing: keep errors only
     level = log.level
     log.setLevel(logging.ERROR)
+    stderr: list[str] = []
     try:
-        with _atomic_path(out_path) as tmp:
+        with _atomic_path(out_path) as tmp, _stderr_captured(stderr):
             rc = llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(tmp).encode(), params)
             if rc != 0 or not tmp.exists():
                 raise ExportError(f"llama_model_quantize({gguf_path.name} -> {key}) failed with code {rc}")
+    except ExportError as err:
+        raise ExportError(f"{err}; llama.cpp said:\n{''.join(stderr)[-2000:]}") from None
     finally:
         log.setLevel(level)
     seconds = time.perf_counter() - t0
@@ -196,4 +217,30 @@ def quantize(gguf_path: str | Path, out_path: str | Path, qtype: str = "Q8_0", n
     other = [TensorType(name, shape, stored, _why(shape, stored, target, key))
              for name, shape, stored in rows if target is None or stored != target.name]
     return QuantizeReport(out_path, key, file_size_mib(out_path), 8 * n_bytes / max(n_el, 1), len(rows), other,
-                          seconds)
+                          seconds, "".join(stderr))
+
+
+@contextlib.contextmanager
+def _stderr_captured(into: list[str]):
+    """Collect what llama.cpp writes to stderr (a two-line fallback warning per tensor that a k-quant cannot store:
+    180 of SmolLM2's 272 in Q4_K_M) into ``into``, instead of the notebook's output. Both ways it writes are
+    caught: file descriptor 2 (C code) and ``sys.stderr`` (llama-cpp-python's log callback prints there, which in a
+    Jupyter kernel is the cell's output, not descriptor 2). The report says the same per tensor, read back from the
+    file (``QuantizeReport.groups``)."""
+    import io
+    import sys
+
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    saved, saved_py, text = os.dup(2), sys.stderr, io.StringIO()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        sys.stderr = text
+        try:
+            yield into
+        finally:
+            sys.stderr = saved_py
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            into.append(sink.read().decode("utf-8", "replace") + text.getvalue())

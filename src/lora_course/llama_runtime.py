@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .export import ExportError, OutputExistsError, _threads, to_gguf
+from .export import ExportError, OutputExistsError, llama_threads, to_gguf
 from .gguf_quant import quantize
 from .paths import cache_dir
 from .procs import free_port
@@ -37,7 +37,7 @@ def load_gguf(gguf_path: str | Path, n_ctx: int = 512, n_threads: int | None = N
     """A quiet ``llama_cpp.Llama`` on the CPU with the course's thread count (``OMP_NUM_THREADS``)."""
     from llama_cpp import Llama
 
-    n = n_threads or _threads()
+    n = n_threads or llama_threads()
     return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n, n_threads_batch=n, logits_all=logits_all,
                  lora_path=str(lora_path) if lora_path else None, verbose=False, seed=0, **kwargs)
 
@@ -191,7 +191,7 @@ SERVER_PACKAGES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "
 
 def server_command(gguf_path: str | Path, port: int, n_threads: int | None = None, n_ctx: int = 1024) -> list[str]:
     """The argv ``serve`` starts: ``python -m llama_cpp.server --model FILE`` on 127.0.0.1 only."""
-    n = n_threads or _threads()
+    n = n_threads or llama_threads()
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
             "--port", str(port), "--n_threads", str(n), "--n_threads_batch", str(n), "--n_ctx", str(n_ctx)]
 
