@@ -298,10 +298,11 @@ def _sent_bytes() -> int:
 
 def _build_model(cfg: LaunchConfig, device: str) -> tuple[Any, Any]:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from .models import load_base, resolve_source, select_dtype
     from .shapes import ALL_LINEAR
+    from .targets import build_lora_config
 
     if cfg.method == "qlora":
         if not device.startswith("cuda"):
@@ -319,8 +320,7 @@ def _build_model(cfg: LaunchConfig, device: str) -> tuple[Any, Any]:
         model, tok = load_base(cfg.profile, cfg.model_id, device=device)
     model.config.use_cache = False
     torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (FSDP does not broadcast; DDP would)
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(ALL_LINEAR),
-                      task_type="CAUSAL_LM")
+    lcfg = build_lora_config(model, r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=ALL_LINEAR)
     return get_peft_model(model, lcfg), tok
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ALL_LINEAR = "all-linear"
+from .targets import ALL_LINEAR  # peft's keyword for "every Linear layer but the output head"
 
 
 class LoRAPair(nn.Module):

@@ -30,10 +30,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .shapes import ALL_LINEAR  # a Llama block's seven projections, by name
+
 BACKENDS: tuple[str, ...] = ("auto", "unsloth", "transformers")
 BATCHING: tuple[str, ...] = ("padded", "padding_free", "packed")
 UNSLOTH_INSTALL = 'pip install "lora-course[gpu]"  (unsloth==2026.10.9)'
-ALL_LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -219,7 +220,7 @@ def _per_device_batch(hw: Hardware, effective: int) -> int:
 
 def build_recipe(hw: Hardware, backend: str = "auto", effective_batch_size: int = 8, max_length: int = 1024,
                  learning_rate: float = 2e-4, r: int = 16, lora_alpha: float | None = None, lora_dropout: float = 0.0,
-                 target_modules: tuple[str, ...] = ALL_LINEAR_NAMES, load_in_4bit: bool | None = None,
+                 target_modules: tuple[str, ...] = ALL_LINEAR, load_in_4bit: bool | None = None,
                  batching: str | None = None, quiet: bool = False) -> SFTRecipe:
     """The SFT recipe for ``hw``: backend, precision, optimizer, batch/accumulation, checkpointing, batching.
 
@@ -319,10 +320,11 @@ def load_for_sft(recipe: SFTRecipe, source: str, seed: int = 0) -> tuple[Any, An
                                    use_gradient_checkpointing="unsloth" if recipe.gradient_checkpointing else False)
         tok = getattr(tok, "tokenizer", tok)
     else:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .bnb_interop import qlora_quantization_config
+        from .targets import build_lora_config
 
         tok = AutoTokenizer.from_pretrained(source)
         cuda = torch.cuda.is_available() and recipe.precision != "fp32"
@@ -335,7 +337,7 @@ def load_for_sft(recipe: SFTRecipe, source: str, seed: int = 0) -> tuple[Any, An
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
         # fp32 adapters over a bf16/fp16 base (peft's default, spelled out): fp16's GradScaler unscales fp32 only
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora_kwargs()),
+        model = get_peft_model(model, build_lora_config(model, **recipe.lora_kwargs()),
                                autocast_adapter_dtype=True)
     prepare_tokenizer(tok)
     tok.padding_side = "right"  # training pads on the right; evaluate.generate switches to left itself

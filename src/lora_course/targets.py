@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-ALL_LINEAR = "all-linear"
+ALL_LINEAR = "all-linear"  # peft's keyword for every Linear layer but the output head (lora.py uses it too)
 
 
 class UnknownArchitectureError(ValueError):

@@ -101,14 +101,15 @@ def verdict(rep: dict[str, Any], ratio: float = 0.1) -> dict[str, bool]:
 # ------------------------------------------------------------------------------------------------ phases
 def _make_random_adapters(model: Any, folder: Path, names: tuple[str, ...], seed: int = 0) -> dict[str, str]:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from .sft import ALL_LINEAR_NAMES
+    from .shapes import ALL_LINEAR
+    from .targets import build_lora_config
 
     out = {}
     for i, name in enumerate(names):
         torch.manual_seed(seed + i)
-        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(ALL_LINEAR_NAMES), init_lora_weights=False)
+        cfg = build_lora_config(model, r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False)
         pm = get_peft_model(model, cfg)
         with torch.no_grad():  # peft's non-default init gives B kaiming-uniform entries; scaled so the model stays sane
             for pname, p in pm.named_parameters():
