@@ -154,14 +154,8 @@ def check_plain(kind: str, model_dir: str, steps: int, lr: float) -> dict[str, A
 def check_trl(kind: str, model_dir: str, steps: int, lr: float) -> dict[str, Any]:
     from datasets import Dataset
 
-    from lora_course.sft import (
-        build_recipe,
-        detect_hardware,
-        import_unsloth,
-        load_for_sft,
-        make_trainer,
-        to_prompt_completion,
-    )
+    from lora_course.chat_format import to_prompt_completion
+    from lora_course.sft import build_recipe, detect_hardware, import_unsloth, load_for_sft, make_trainer
 
     backend = "unsloth" if kind == "unsloth-qlora" else "transformers"
     hw = detect_hardware()

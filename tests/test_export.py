@@ -1,7 +1,9 @@
 """GGUF export (issue 12): clear errors for each bad input and no partial file after a failed export; llama.cpp's
 converter on the tiny model (the tokenizer it stores, the GGUF header, a hub id resolved to its snapshot) and the
-literal converter command lines (issue 24). Quantization, parity, the llama.cpp runtime and the Modelfile have their
-own test files, one per module: test_gguf_quant.py, test_parity.py, test_llama_runtime.py, test_modelfile.py."""
+literal converter command lines (issue 24); also the tests of the modules export builds on, llama_converter (the
+converter's architectures) and gguf_inspect (tokenizer checks, the GGUF header). Quantization, parity, the llama.cpp
+runtime and the Modelfile have their own test files, one per module: test_gguf_quant.py, test_parity.py,
+test_llama_runtime.py, test_modelfile.py."""
 import json
 import os
 import shutil
@@ -9,17 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from lora_course import export
+from lora_course import export, gguf_inspect, llama_converter
 from lora_course.export import (
     ExportError,
     OutputExistsError,
     TokenizerError,
     UnknownQuantizationError,
     UnsupportedArchitectureError,
-    check_tokenizer_files,
-    gguf_tokenizer_summary,
     to_gguf,
 )
+from lora_course.gguf_inspect import check_tokenizer_files, gguf_tokenizer_summary
 from lora_course.gguf_quant import gguf_tensor_stats, quantize
 from lora_course.modelfile import write_modelfile
 
@@ -57,7 +58,7 @@ def test_unsupported_architecture_is_refused_before_converting(tiny_dir, tmp_pat
 
 
 def test_supported_architectures_are_read_from_the_converter():
-    archs = export.supported_architectures()
+    archs = llama_converter.supported_architectures()
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= archs
     assert "XLNetLMHeadModel" not in archs and len(archs) > 50
 
@@ -122,6 +123,25 @@ def test_merge_refuses_bad_input(tiny_dir, tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(OutputExistsError):
         export.merge_adapter(tiny_dir, tmp_path, tmp_path / "merged")
+
+
+def test_save_model_folder_writes_a_convertible_folder_and_refuses_an_unmerged_model(tiny_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    out = export.save_model_folder(model, tok, tmp_path / "plain")
+    again = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in model.named_parameters())
+    assert (out / "tokenizer_config.json").exists() and not _leftovers(tmp_path, "plain")
+    with pytest.raises(OutputExistsError):
+        export.save_model_folder(model, tok, out)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with pytest.raises(ExportError, match="merge it first"):
+        export.save_model_folder(peft_model, tok, tmp_path / "unmerged")
+    assert not (tmp_path / "unmerged").exists()
 
 
 def test_unknown_converter_outtype_is_refused(tiny_dir, tmp_path):
@@ -200,7 +220,7 @@ def test_gguf_header_reader_agrees_with_gguf_py(tiny_gguf, tmp_path):
     from gguf import GGUFReader
 
     reader = GGUFReader(str(tiny_gguf))
-    meta, tensors = export.read_gguf_header(tiny_gguf, decode=("tokenizer.ggml.tokens",))
+    meta, tensors = gguf_inspect.read_gguf_header(tiny_gguf, decode=("tokenizer.ggml.tokens",))
     assert tensors == [(t.name, tuple(int(x) for x in t.shape), int(t.tensor_type)) for t in reader.tensors]
     assert meta["tokenizer.ggml.tokens"] == reader.fields["tokenizer.ggml.tokens"].contents()
     assert meta["tokenizer.ggml.merges"] == len(reader.fields["tokenizer.ggml.merges"].contents())  # not decoded
@@ -210,7 +230,7 @@ def test_gguf_header_reader_agrees_with_gguf_py(tiny_gguf, tmp_path):
                                sum(int(t.n_bytes) for t in reader.tensors))
     (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(ExportError, match="not a GGUF file"):
-        export.read_gguf_header(tmp_path / "x.gguf")
+        gguf_inspect.read_gguf_header(tmp_path / "x.gguf")
 
 
 # ----------------------------------------------------------------------- the literal command lines (issue 24)
@@ -221,6 +241,8 @@ def _outfile(cmd: list[str]) -> Path:
 def test_to_gguf_runs_exactly_convert_command(tiny_dir, tmp_path, monkeypatch):
     """The command notebook 08 prints is the one to_gguf runs (one source of truth), with a temporary --outfile."""
     seen = []
+    # patched where to_gguf looks it up: export imports llama_converter's _run_converter by name, so patching
+    # llama_converter._run_converter would leave to_gguf running the real converter
     monkeypatch.setattr(export, "_run_converter", lambda cmd, conv, what, timeout: seen.append(cmd))
     out = tmp_path / "x.gguf"
     with pytest.raises(ExportError, match="wrote no file"):  # nothing ran: the converter was replaced

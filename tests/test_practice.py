@@ -2,6 +2,7 @@
 adapter snapshots, the dequantized weights of a 4-bit model and the logit comparison."""
 import copy
 import math
+import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -238,3 +239,55 @@ def test_answer_loss_is_the_models_own_loss_on_fewer_logits(tiny_lora, examples)
     assert logits_all.shape[1] == targets_all.shape[1] == batch["input_ids"].shape[1] - 1
     with torch.no_grad():
         assert answer_loss(NoKeep(), batch).item() == pytest.approx(theirs, rel=1e-5)
+
+
+def test_merged_model_of_a_qlora_adapter_is_the_trained_function_and_the_16bit_merge_is_not(tiny):
+    """merged_model merges a QLoRA adapter into the dequantized NF4 weights: the same function as the 4-bit model
+    with its adapter (fp32: rounding only), where merging into the original weights is off by W - W_hat."""
+    from peft import PeftModel
+
+    from lora_course.models import load_base, load_for_method
+    from lora_course.practice import merged_model
+
+    torch.manual_seed(0)
+    qmodel, tok = load_for_method("qlora", "tiny", None, r=4)
+    with torch.no_grad():  # a trained-looking adapter: B is zero at init, so give it values
+        for n, p in qmodel.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog")["input_ids"]])
+    qmodel.eval()
+    with torch.no_grad():
+        trained = qmodel(ids).logits
+        merged = merged_model(qmodel, "tiny")
+        got = merged(ids).logits
+        assert not any("lora" in n for n, _ in merged.named_parameters())  # a plain model, nothing left to merge
+        # the 16-bit merge, W + sBA, for comparison (the pitfall)
+        base, _ = load_base("tiny", dtype=torch.float32)
+        with tempfile.TemporaryDirectory() as d:
+            qmodel.save_pretrained(d)
+            wrong = PeftModel.from_pretrained(base, d).merge_and_unload()(ids).logits
+    exact = (got - trained).abs().max().item()
+    pitfall = (wrong - trained).abs().max().item()
+    print(f"merged vs trained {exact:.2e}; 16-bit merge vs trained {pitfall:.2e}")
+    # fp32 throughout: the merged weight is W_hat + sBA rounded once; the 4-bit layer adds x W_hat^T and s x A^T B^T
+    # separately. Differences of a few float32 ulps of logits of ~1: 1e-4 is 100x that, and 100x below the pitfall
+    assert exact < 1e-4 < pitfall / 100, (exact, pitfall)
+
+
+def test_merged_model_of_a_plain_lora_model_merges_in_place_and_refuses_a_model_without_adapter(tiny_lora):
+    from lora_course.practice import merged_model
+
+    peft_model, tok = tiny_lora
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.tensor([tok("hello there")["input_ids"]])
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(ids).logits
+        merged = merged_model(peft_model)
+        assert (merged(ids).logits - before).abs().max().item() < 1e-4
+    with pytest.raises(TypeError, match="no adapter to merge"):
+        merged_model(merged)

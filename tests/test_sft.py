@@ -1,23 +1,12 @@
-"""The SFT recipe builder (hardware-dependent defaults, backend choice, errors), its data helpers, the CPU trainer,
-padding-free batches (same loss as padded ones), and the benchmark's arithmetic."""
+"""The SFT recipe builder (hardware-dependent defaults, backend choice, errors), the CPU trainer, padding-free
+batches (same loss as padded ones), and the benchmark's presets and step accounting. The data formats:
+tests/test_chat_format.py; the benchmark's FLOPs and chats: tests/test_flops.py, tests/test_synthetic_chats.py."""
 import math
 
 import pytest
 
 from lora_course import bench
-from lora_course.sft import (
-    BackendUnavailableError,
-    Hardware,
-    alpaca_to_messages,
-    build_recipe,
-    check_lengths,
-    choose_backend,
-    import_unsloth,
-    label_view,
-    to_prompt_completion,
-    training_chat_template,
-)
-from lora_course.shapes import SMOLLM2_135M, ModelShape
+from lora_course.sft import BackendUnavailableError, Hardware, build_recipe, choose_backend, import_unsloth
 
 H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", 79.1, True, (9, 0), "2026.10.9")
 H100_NO_UNSLOTH = Hardware("cuda", "NVIDIA H100 80GB HBM3", 79.1, True, (9, 0), None)
@@ -148,61 +137,6 @@ def test_sft_config_builds_on_cpu(tmp_path):
         False, False, True, 128, 3)
 
 
-# ------------------------------------------------------------------------------------------------ data
-def test_alpaca_to_messages():
-    rec = {"instruction": "Convert 3 km to m.", "input": "Answer in JSON.", "output": '{"value": 3000}'}
-    assert alpaca_to_messages(rec) == [{"role": "user", "content": "Convert 3 km to m.\n\nAnswer in JSON."},
-                                       {"role": "assistant", "content": '{"value": 3000}'}]
-    no_input = alpaca_to_messages({"instruction": "Say hi", "input": "  ", "output": "hi"}, system="Be brief.")
-    assert [m["role"] for m in no_input] == ["system", "user", "assistant"] and no_input[1]["content"] == "Say hi"
-    with pytest.raises(ValueError, match="'output'"):
-        alpaca_to_messages({"instruction": "x"})
-
-
-def test_prompt_completion_split():
-    ex = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    assert to_prompt_completion(ex) == {"prompt": ex["messages"][:1], "completion": ex["messages"][1:]}
-    with pytest.raises(ValueError, match="assistant"):
-        to_prompt_completion({"messages": ex["messages"][:1]})
-
-
-def test_check_lengths():
-    check_lengths([10, 20], 20)
-    with pytest.raises(ValueError, match="1 examples are longer than max_length=20 .longest 21"):
-        check_lengths([10, 21], 20)
-
-
-def test_training_template_renders_the_same_and_masks_only_assistant_replies(cpu_tokenizer):
-    tok = cpu_tokenizer
-    tmpl = training_chat_template(tok)
-    assert "{% generation %}" in tmpl
-    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
-            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello"}]
-    assert tok.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(msgs, tokenize=False,
-                                                                                   chat_template=tmpl)
-    enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                  chat_template=tmpl)
-    trained = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
-    assert tok.decode(trained) == "Hello there<|im_end|>Hello<|im_end|>"
-    labels = [t if m else -100 for t, m in zip(enc["input_ids"], enc["assistant_masks"])]
-    assert "[Hello][ there][<|im_end|>]" in label_view(tok, enc["input_ids"], labels)
-    assert training_chat_template(_with_template(tok, tmpl)) == tmpl  # already marked: unchanged
-
-
-def test_training_template_refuses_an_unknown_template(cpu_tokenizer):
-    odd = _with_template(cpu_tokenizer, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-    with pytest.raises(ValueError, match="generation"):
-        training_chat_template(odd)
-
-
-def _with_template(tok, template):
-    import copy
-
-    t = copy.deepcopy(tok)
-    t.chat_template = template
-    return t
-
-
 # ---------------------------------------------------------------------------------------- training on CPU
 def test_padding_free_batch_gives_the_padded_loss(tiny):
     """Flattened sequences with restarting position_ids (no attention mask) get a block-diagonal causal mask from
@@ -246,36 +180,6 @@ def test_cpu_recipe_trains_through_trl_and_the_loss_falls(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- benchmark
-def test_peak_flops_by_gpu_name():
-    assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert bench.gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert bench.gpu_peak_tflops("NVIDIA H200") == 989.4
-    assert bench.gpu_peak_tflops("Tesla T4") == 65.0
-    assert bench.gpu_peak_tflops("Radeon 780M") is None
-
-
-def test_training_flops_counts_matmuls_lora_and_causal_attention():
-    s = ModelShape("toy", hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
-                   vocab_size=10, head_dim=2)
-    frozen = 2 * (4 * 4 + 4 * 2 + 4 * 2 + 4 * 4 + 3 * 4 * 8) + 10 * 4  # 2 layers of 7 linears + the head
-    lora = s.lora_params(("q_proj",), 1)
-    assert bench.training_flops(s, [3, 5], r=1, targets=("q_proj",)) == \
-        (4 * frozen + 6 * lora) * 8 + 6 * 2 * 4 * (9 + 25)
-    # padding-free vs one padded row: quadratic attention makes one long sequence cost more than two short ones
-    assert bench.training_flops(SMOLLM2_135M, [512]) > bench.training_flops(SMOLLM2_135M, [256, 256])
-    with pytest.raises(ValueError, match="positive"):
-        bench.training_flops(s, [0])
-
-
-def test_varied_lengths_are_seeded_clipped_and_centred():
-    a = bench.varied_lengths(2000, 384, 0.6, 32, 1024, seed=1)
-    assert a == bench.varied_lengths(2000, 384, 0.6, 32, 1024, seed=1)
-    assert min(a) >= 32 and max(a) <= 1024 and len(set(a)) > 300
-    assert 340 < sorted(a)[1000] < 430
-    with pytest.raises(ValueError, match="lo <= median <= hi"):
-        bench.varied_lengths(3, 2000, hi=1024)
-
-
 def test_side_by_side_configs():
     assert [c.name for c in bench.side_by_side(False)] == [
         "transformers padded", "transformers padding_free", "transformers packed"]

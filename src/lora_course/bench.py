@@ -1,16 +1,16 @@
 """SFT throughput benchmark: steady-state tokens/s, peak memory and MFU of training recipes, side by side.
 
 What it measures, per recipe (``BenchConfig``): a real ``trl.SFTTrainer`` run on conversations of realistic, varied
-lengths (multi-turn chats assembled from the course's task data, lengths drawn from a log-normal distribution),
-LoRA r=16 on all linear layers. The first ``warmup_steps`` are left out (CUDA/Triton kernels compile and the
-allocator grows there; Unsloth compiles for about 20 steps); tokens/s is the real (non-padding) tokens of the
-measured steps (counted in the batches the model receives) over their wall time, synchronised with the GPU at
-every step end. Peak memory is
-``torch.cuda.max_memory_allocated`` over the run (weights included; paged optimizer states live in CUDA unified
-memory and are not counted by it), or on CPU the growth of the process's peak RSS. MFU is useful model FLOPs per
-second over the GPU's dense bf16 peak: 4 x frozen matmul parameters per token (forward + input gradients), 6 x
-LoRA parameters, and causal attention (6 x layers x heads*head_dim x n^2 per sequence of n tokens); padding and
-recomputation under gradient checkpointing are not useful work and are not counted.
+lengths (multi-turn chats assembled from the course's task data, lengths drawn from a log-normal distribution:
+``synthetic_chats``, sized by ``make_rows``), LoRA r=16 on all linear layers. The first ``warmup_steps`` are left out
+(CUDA/Triton kernels compile and the allocator grows there; Unsloth compiles for about 20 steps); tokens/s is the real
+(non-padding) tokens of the measured steps (counted in the batches the model receives) over their wall time,
+synchronised with the GPU at every step end. Peak memory is ``torch.cuda.max_memory_allocated`` over the run (weights
+included; paged optimizer states live in CUDA unified memory and are not counted by it), or on CPU the growth of the
+process's peak RSS. MFU is useful model FLOPs per second over the GPU's dense bf16 peak (``flops``): 4 x frozen matmul
+parameters per token (forward + input gradients), 6 x LoRA parameters, and causal attention (6 x layers x
+heads*head_dim x n^2 per sequence of n tokens); padding and recomputation under gradient checkpointing are not useful
+work and are not counted.
 
 Presets: ``BASELINE`` is the references' recipe (transformers + bitsandbytes NF4 + peft, padded batches,
 ``paged_adamw_8bit``, gradient checkpointing); ``FAST`` is Unsloth's default (Unsloth NF4, padding-free batches, 8-bit
@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -39,13 +38,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .flops import gpu_peak_tflops, training_flops
 from .memory import _rss
 from .procs import run_module
-from .shapes import ALL_LINEAR, ModelShape
-
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; fp16 for the T4 (no bf16).
-PEAK_BF16_TFLOPS: dict[str, float] = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0,
-                                      "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "T4": 65.0}
+from .shapes import ModelShape
+from .synthetic_chats import conversations, varied_lengths
 
 
 @dataclass(frozen=True)
@@ -185,67 +182,6 @@ def format_table(results: list[BenchResult], baseline: str | None = None) -> str
                 extra += f", x{r.peak_mib / base.peak_mib:.2f} memory"
         lines.append(r.row() + extra)
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------- FLOPs
-def gpu_peak_tflops(name: str) -> float | None:
-    """The dense bf16 peak of a GPU by its name (longest matching key), or None when unknown."""
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if all(part in name for part in key.split()):
-            return PEAK_BF16_TFLOPS[key]
-    return None
-
-
-def training_flops(shape: ModelShape, seq_lengths: list[int], r: int = 16,
-                   targets: tuple[str, ...] = ALL_LINEAR) -> float:
-    """Useful FLOPs of one LoRA training step over sequences of the given lengths (see the module docstring)."""
-    if any(n <= 0 for n in seq_lengths):
-        raise ValueError(f"sequence lengths must be positive, got {seq_lengths}")
-    frozen = shape.num_layers * sum(a * b for a, b in shape.linear_shapes().values()) + \
-        shape.vocab_size * shape.hidden_size  # the output head is a matmul even when tied to the embeddings
-    lora = shape.lora_params(targets, r)
-    attn_width = shape.num_heads * shape.head_size
-    tokens = sum(seq_lengths)
-    return (4 * frozen + 6 * lora) * tokens + 6 * shape.num_layers * attn_width * sum(n * n for n in seq_lengths)
-
-
-# -------------------------------------------------------------------------------------------------- data
-def varied_lengths(n: int, median: int, sigma: float = 0.6, lo: int = 32, hi: int = 1024, seed: int = 0) -> list[int]:
-    """``n`` target lengths from a log-normal distribution (as instruction-tuning sets look), clipped to [lo, hi]."""
-    if not 0 < lo <= median <= hi:
-        raise ValueError(f"need 0 < lo <= median <= hi, got lo={lo} median={median} hi={hi}")
-    rng = random.Random(seed)
-    return [min(hi, max(lo, round(median * math.exp(rng.gauss(0.0, sigma))))) for _ in range(n)]
-
-
-def conversations(tokenizer: Any, lengths: list[int], max_length: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    """Tokenized multi-turn chats of about the given lengths, built from the three tasks' training examples.
-
-    Each chat strings together user/assistant exchanges until its target length; labels cover the assistant
-    replies and their end tokens only (the chat template with generation markers, ``sft.training_chat_template``).
-    Chats are cut at ``max_length`` tokens.
-    """
-    from .data import TASKS, load_task
-    from .sft import training_chat_template
-
-    template = training_chat_template(tokenizer)
-    pool = [ex["messages"] for t in TASKS for ex in load_task(t, "train")]
-    est = [len(tokenizer(m[0]["content"] + m[1]["content"], add_special_tokens=False)["input_ids"]) + 10 for m in pool]
-    rng = random.Random(seed)
-    rows = []
-    for target in lengths:
-        msgs: list[dict[str, str]] = []
-        total = 20  # the default system prompt
-        while not msgs or total < target:
-            i = rng.randrange(len(pool))
-            msgs += pool[i]
-            total += est[i]
-        enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                            chat_template=template)
-        ids = list(enc["input_ids"])[:max_length]
-        mask = list(enc["assistant_masks"])[:max_length]
-        rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------ running

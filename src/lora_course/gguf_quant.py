@@ -33,8 +33,8 @@ from .export import (
     _check_destination,
     file_size_mib,
     llama_threads,
-    read_gguf_header,
 )
+from .gguf_inspect import read_gguf_header
 
 
 # ------------------------------------------------------------------------------------------- quantization

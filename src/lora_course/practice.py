@@ -12,6 +12,8 @@ guard that stops a run and names the fix, and the bookkeeping of merging a QLoRA
 - ``dequantized_weights``: the weights a bitsandbytes 4-bit model really computes with, keyed by the plain model's
   module names, decoded with ``bnb_interop.bnb_weight`` (correct on every CPU, unlike bitsandbytes'
   ``dequantize_4bit`` on AVX-512 CPUs for rows that are not whole blocks): what a QLoRA adapter must be merged into.
+- ``merged_model``: the trained model with its adapter merged, a QLoRA adapter into the dequantized NF4 weights (the
+  pitfall handled); notebook 13 exports it.
 - ``logit_gap``: how far two models' next-token distributions are apart on the same batch (max |logit difference|,
   mean KL, top-1 agreement), over the positions that carry a label.
 """
@@ -280,6 +282,43 @@ def dequantized_weights(model: Any, dtype: Any = None) -> dict[str, Any]:
         raise ValueError("the model has no bitsandbytes 4-bit layers: load it with "
                          "BitsAndBytesConfig(load_in_4bit=True) (QLoRA) first")
     return out
+
+
+def merged_model(peft_model: Any, profile: str = "auto", model_id: str | None = None, dtype: Any = None) -> Any:
+    """A plain transformers model computing what the trained ``peft_model`` computes, its LoRA update merged in.
+
+    A 16-bit (or fp32) base merges as peft does, W + sBA. A QLoRA model (bitsandbytes 4-bit layers) merges into the
+    **dequantized** NF4 weights Ŵ + sBA, the function it was trained on: the base is loaded again unquantized in
+    ``dtype`` (fp32 by default), its quantized layers get ``dequantized_weights``, then the adapter is merged. Merging
+    into the original 16-bit W instead shifts every layer by W - Ŵ (notebook 11 measures it), and ``merge_and_unload``
+    on the 4-bit model itself re-quantizes and loses most of the update. ``profile``/``model_id`` name the base the
+    QLoRA model was loaded from (``models.resolve_source``); a 16-bit ``peft_model`` is merged in place (as
+    ``merge_and_unload`` does) and returned unwrapped.
+    """
+    import tempfile
+
+    import bitsandbytes as bnb
+    import torch
+    from peft import PeftModel
+
+    from .models import load_base
+
+    if not hasattr(peft_model, "merge_and_unload"):
+        raise TypeError(f"{type(peft_model).__name__} has no adapter to merge: pass the peft model you trained "
+                        "(get_peft_model / PeftModel.from_pretrained)")
+    if not any(isinstance(m, bnb.nn.Linear4bit) for m in peft_model.modules()):
+        return peft_model.merge_and_unload()
+    deq = dequantized_weights(peft_model, dtype or torch.float32)
+    base, _ = load_base(profile, model_id, dtype=dtype or torch.float32,
+                        device=str(next(peft_model.parameters()).device))
+    with torch.no_grad():
+        for name, w in deq.items():
+            base.get_submodule(name).weight.copy_(w)
+    with tempfile.TemporaryDirectory(prefix="qlora-merge-") as folder:
+        peft_model.save_pretrained(folder)  # the adapter as shipped: weights and config, nothing of the 4-bit base
+        merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    merged.eval()
+    return merged
 
 
 def logit_gap(ref_logits: Any, logits: Any, labels: Any | None = None) -> dict[str, float]:

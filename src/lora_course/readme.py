@@ -60,6 +60,10 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
         f"LoRA {m['lora_other_ppl']:.2f}; "
         f"data ppl clean/noisy/small {m['clean_ppl']:.2f}/{m['noisy_ppl']:.2f}/{m['small_ppl']:.2f}; AdaLoRA ranks "
         f"{m['adalora_rank_min']}-{m['adalora_rank_max']}, total {m['adalora_total_rank']}/{m['adalora_budget']}"),
+    "13_capstone": lambda m: (
+        f"{m['cleaned_kept']} examples kept ({m['cleaned_duplicates']} duplicates); held-out loss "
+        f"{m['eval_loss_start']:.2f} -> {m['eval_loss_end']:.2f}; task metrics {m['task_metric_mean_before']:.2f} -> "
+        f"{m['task_metric_mean_after']:.2f}; served {m['served_in_format']}/3 in format"),
 }
 
 

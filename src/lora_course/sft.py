@@ -10,9 +10,12 @@ Implements:
   loading and the batching (padded, padding-free or packed), each with the reason it was chosen; the same LoRA
   hyperparameters for both backends; ``SFTRecipe.sft_config`` turns it into a ``trl.SFTConfig``;
 - ``load_for_sft``: the model and tokenizer with LoRA adapters through the chosen backend;
-- data formats: ``alpaca_to_messages`` (instruction/input/output -> chat messages), ``to_prompt_completion``
-  (for completion-only loss) and ``training_chat_template`` (a chat template with ``{% generation %}`` markers,
-  which TRL's ``assistant_only_loss`` needs and SmolLM2's template lacks).
+- ``make_trainer``: a ``trl.SFTTrainer`` (TRL's fused LM-head loss where Triton runs, the model's own cross-entropy
+  otherwise; with fp16, the trainable parameters back in fp32); ``unsloth_token_budget`` and ``import_unsloth`` for
+  the Unsloth backend.
+
+The data it trains on (Alpaca records as messages, prompt-completion, the chat template with ``{% generation %}``
+markers, length checks, the labelled-token view) is in ``lora_course.chat_format``.
 
 Sources: TRL 1.15 ``SFTConfig``/``SFTTrainer`` (``padding_free``, ``packing_strategy="bfd"``, ``assistant_only_loss``,
 ``completion_only_loss``); Unsloth 2026.10 ``FastLanguageModel.from_pretrained``/``get_peft_model`` (it auto-enables
@@ -25,7 +28,6 @@ import contextlib
 import importlib.metadata as md
 import math
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -174,7 +176,7 @@ class SFTRecipe:
         TRL's own defaults assume a GPU (``bf16=True``, ``gradient_checkpointing=True``): both are set explicitly here,
         ``fp16``/``bf16`` from the recipe's precision (``hardware.train_precision``), which Unsloth's trainer checks
         against the model's dtype. Padding-free batches without packing cannot be truncated by TRL, so ``max_length``
-        is then left to the data (cut it first; ``check_lengths`` says whether it is).
+        is then left to the data (cut it first; ``chat_format.check_lengths`` says whether it is).
         """
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
@@ -192,7 +194,8 @@ class SFTRecipe:
         }
         if self.batching == "padding_free":
             # TRL refuses padding_free + max_length without packing (its collator cannot truncate), and Unsloth turns
-            # padding-free off for pre-tokenized data that carries a max_length: the data is cut first (check_lengths).
+            # padding-free off for pre-tokenized data that carries a max_length: the data is cut first
+            # (chat_format.check_lengths).
             kw["max_length"] = None
         kw.update(overrides)
         return kw
@@ -434,92 +437,6 @@ def _fp16_ready(trainer: Any, quiet: bool) -> Any:
     return trainer
 
 
-# ------------------------------------------------------------------------------------------ data formats
-def alpaca_to_messages(record: dict[str, str], system: str | None = None) -> list[dict[str, str]]:
-    """An Alpaca-style record (``instruction``, optional ``input``, ``output``) as chat messages.
-
-    The input, when present, follows the instruction in the user turn after a blank line (as Alpaca's own prompt
-    puts it under "### Input:"); the output becomes the assistant turn.
-    """
-    missing = {"instruction", "output"} - set(record)
-    if missing:
-        raise ValueError(f"an Alpaca record needs 'instruction' and 'output' (and may have 'input'); "
-                         f"missing {sorted(missing)} in {record!r}")
-    user = record["instruction"].strip()
-    if record.get("input", "").strip():
-        user += "\n\n" + record["input"].strip()
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-
-
-def to_prompt_completion(example: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
-    """A course example as TRL's conversational prompt-completion format (loss on the completion only)."""
-    msgs = example["messages"]
-    if not msgs or msgs[-1]["role"] != "assistant":
-        raise ValueError("the last message must be the assistant's answer to split it into prompt and completion")
-    return {"prompt": msgs[:-1], "completion": msgs[-1:]}
-
-
-_NL = r"'(?:\\n|\n)'"  # a newline string literal, written as an escape or as a real line break
-_CHATML_MESSAGE = re.compile(
-    r"\{\{\s*'<\|im_start\|>'\s*\+\s*message\['role'\]\s*\+\s*" + _NL + r"\s*\+\s*message\['content'\]\s*\+\s*"
-    r"'<\|im_end\|>'\s*\+\s*" + _NL + r"\s*\}\}")
-_CHATML_TRAINING = ("{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
-                    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
-                    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-                    "{% endif %}")
-
-
-def training_chat_template(tokenizer: Any) -> str:
-    """The tokenizer's chat template with ``{% generation %}`` markers around each assistant reply and its end token.
-
-    TRL's ``assistant_only_loss`` reads those markers (``return_assistant_tokens_mask``) to label only the assistant's
-    tokens. TRL patches the templates it knows; SmolLM2's ChatML template is not among them, so it is rewritten
-    here, and the result is checked to render exactly the same text as the original.
-    """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    original = tokenizer.chat_template
-    if not original:
-        raise ValueError("the tokenizer has no chat template: set tokenizer.chat_template first")
-    if has_generation_markers(original):
-        return original
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except ValueError:
-        patched = None
-    if patched is None:
-        if not _CHATML_MESSAGE.search(original):
-            raise ValueError("this chat template is neither known to TRL nor ChatML: add {% generation %} ... "
-                             "{% endgeneration %} around the assistant content and end token by hand")
-        patched = _CHATML_MESSAGE.sub(lambda _: _CHATML_TRAINING, original, count=1)
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
-    a = tokenizer.apply_chat_template(probe, tokenize=False)
-    b = tokenizer.apply_chat_template(probe, tokenize=False, chat_template=patched)
-    if a != b:
-        raise ValueError(f"the training template renders differently from the original:\n{a!r}\n{b!r}")
-    return patched
-
-
-def check_lengths(lengths: list[int], max_length: int) -> None:
-    """Raise when any tokenized example exceeds ``max_length`` (padding-free batches are not truncated by TRL)."""
-    over = [n for n in lengths if n > max_length]
-    if over:
-        raise ValueError(f"{len(over)} examples are longer than max_length={max_length} (longest {max(over)}): "
-                         "truncate them, or use batching='packed', which truncates while packing")
-
-
-def label_view(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
-    """The tokens of one example, the ones that carry a label (are trained on) in [brackets]."""
-    parts = []
-    for tid, lab in zip(input_ids, labels):
-        text = tokenizer.decode([tid]).replace("\n", "\\n")
-        parts.append(f"[{text}]" if lab != -100 else text)
-    return "".join(parts)
-
-
 __all__ = ["BACKENDS", "BATCHING", "BackendChoice", "BackendUnavailableError", "Hardware", "SFTRecipe",
-           "alpaca_to_messages", "build_recipe", "check_lengths", "choose_backend", "detect_hardware",
-           "fused_loss_available", "hardware_for_profile", "import_unsloth", "label_view", "load_for_sft",
-           "make_trainer", "to_prompt_completion", "training_chat_template", "unsloth_token_budget"]
+           "build_recipe", "choose_backend", "detect_hardware", "fused_loss_available", "hardware_for_profile",
+           "import_unsloth", "load_for_sft", "make_trainer", "unsloth_token_budget"]
