@@ -241,6 +241,15 @@ def test_answer_loss_is_the_models_own_loss_on_fewer_logits(tiny_lora, examples)
         assert answer_loss(NoKeep(), batch).item() == pytest.approx(theirs, rel=1e-5)
 
 
+def _trained_looking(peft_model):
+    """The model in eval mode with B ~ N(0, 0.05): LoRA's B starts at zero, and a merge of a zero update is trivial."""
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return peft_model.eval()
+
+
 def test_merged_model_of_a_qlora_adapter_is_the_trained_function_and_the_16bit_merge_is_not(tiny):
     """merged_model merges a QLoRA adapter into the dequantized NF4 weights: the same function as the 4-bit model
     with its adapter (fp32: rounding only), where merging into the original weights is off by W - W_hat."""
@@ -251,12 +260,8 @@ def test_merged_model_of_a_qlora_adapter_is_the_trained_function_and_the_16bit_m
 
     torch.manual_seed(0)
     qmodel, tok = load_for_method("qlora", "tiny", None, r=4)
-    with torch.no_grad():  # a trained-looking adapter: B is zero at init, so give it values
-        for n, p in qmodel.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    qmodel = _trained_looking(qmodel)
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog")["input_ids"]])
-    qmodel.eval()
     with torch.no_grad():
         trained = qmodel(ids).logits
         merged = merged_model(qmodel, "tiny")
@@ -279,12 +284,8 @@ def test_merged_model_of_a_plain_lora_model_merges_in_place_and_refuses_a_model_
     from lora_course.practice import merged_model
 
     peft_model, tok = tiny_lora
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    peft_model = _trained_looking(peft_model)
     ids = torch.tensor([tok("hello there")["input_ids"]])
-    peft_model.eval()
     with torch.no_grad():
         before = peft_model(ids).logits
         merged = merged_model(peft_model)
