@@ -61,3 +61,15 @@ def test_peak_measurements_run_one_at_a_time_in_the_background(monkeypatch):
         memory.PeakMeasurements(["lora", "qlora"], lr={"lora": 1e-3})
     with pytest.raises(ValueError, match="at most once"):
         memory.PeakMeasurements(["lora", "dora"])
+
+
+def test_a_memory_limit_makes_a_step_that_needs_more_fail_as_out_of_memory_and_one_that_fits_run():
+    """Under memory_limit_mib a training step that needs more memory than allowed fails in the allocator (reported,
+    not raised: the process then holds a limit), and a smaller setup under the same limit trains."""
+    big = measure_peak("full", "tiny", batch_size=8, seq_len=64, steps=1, timeout=300, memory_limit_mib=2)
+    assert big.out_of_memory and "allocate" in big.out_of_memory and not big.losses, big
+    assert "OUT OF MEMORY" in str(big)
+    small = measure_peak("lora", "tiny", batch_size=1, seq_len=32, steps=1, timeout=300, memory_limit_mib=200)
+    assert not small.out_of_memory and len(small.losses) == 1, small
+    # the step's rise over the loaded model stayed under the limit
+    assert small.measured_bytes - small.load_bytes <= 200 * 2**20, small

@@ -50,6 +50,8 @@ class Measurement:
     # component, counted where they are created, beside the estimator's number for it (``tensor_check``).
     counted: dict[str, int] = field(default_factory=dict)
     estimated: dict[str, int] = field(default_factory=dict)
+    # under a memory limit (run_measurement's memory_limit_mib): the allocator's refusal, "" when the step fitted
+    out_of_memory: str = ""
 
     @property
     def ratio(self) -> float:
@@ -60,6 +62,9 @@ class Measurement:
         return {k: self.counted[k] / v for k, v in self.estimated.items() if k in self.counted and v}
 
     def __str__(self) -> str:
+        if self.out_of_memory:
+            return (f"{self.method:<6} {self.device:<5} OUT OF MEMORY (estimate {self.estimate_bytes / MIB:.0f} MiB): "
+                    f"{self.out_of_memory[:160]}")
         return (f"{self.method:<6} {self.device:<5} measured {self.measured_bytes / MIB:9.0f} MiB  estimate "
                 f"{self.estimate_bytes / MIB:9.0f} MiB  ratio {self.ratio:5.2f}  loss {self.losses[0]:.3f} -> "
                 f"{self.losses[-1]:.3f}  {self.sec_per_step:.2f} s/step")
@@ -172,10 +177,45 @@ def _batches(tok: Any, task: str | None, batch_size: int, seq_len: int, steps: i
     return out
 
 
+def limit_training_memory(limit_mib: float, device: str = "cpu") -> int:
+    """Allow this process ``limit_mib`` MiB more than it holds now; beyond it an allocation fails (out of memory).
+
+    CPU (Linux): ``RLIMIT_DATA`` (since Linux 4.7 it covers the heap and private anonymous mappings, where torch's
+    tensors live) set to the current ``VmData`` plus the limit; torch then raises ``RuntimeError: ...
+    DefaultCPUAllocator: can't allocate memory``. CUDA: ``torch.cuda.set_per_process_memory_fraction`` at the bytes
+    allocated now plus the limit; torch raises ``torch.OutOfMemoryError``. Returns the limit in bytes (absolute).
+    """
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        cap = torch.cuda.memory_allocated() + int(limit_mib * MIB)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+        return cap
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError(f"a CPU memory limit needs Linux's RLIMIT_DATA (this is {sys.platform}): run it on Linux, "
+                           "Colab or Kaggle")
+    cap = _rss("VmData") + int(limit_mib * MIB)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    return cap
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError) or "can't allocate memory" in text
+
+
 def run_measurement(method: str, profile: str = "cpu", model_id: str | None = None, task: str | None = "creative",
                     batch_size: int = 4, seq_len: int = 96, steps: int = 3, r: int = 16, lr: float = 1e-3,
-                    gradient_checkpointing: bool = False, eval_n: int = 0, seed: int = 0) -> Measurement:
-    """Train ``steps`` AdamW steps in *this* process and measure its peak memory (call it in a fresh process)."""
+                    gradient_checkpointing: bool = False, eval_n: int = 0, seed: int = 0,
+                    memory_limit_mib: float | None = None) -> Measurement:
+    """Train ``steps`` AdamW steps in *this* process and measure its peak memory (call it in a fresh process).
+
+    With ``memory_limit_mib`` training may use that much memory beyond the loaded model (``limit_training_memory``):
+    a step that needs more fails as on a full GPU, and the Measurement carries the allocator's message in
+    ``out_of_memory`` (the process then holds a limit: run it in a fresh one, as ``measure_peak`` does)."""
     import bitsandbytes  # noqa: F401 - imported before the baseline so that library memory is not counted
     import peft  # noqa: F401
     import torch
@@ -190,7 +230,7 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
     batches = _batches(tok, task, batch_size, seq_len, steps, shape.vocab_size, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    from .hardware import amp_context, check_scalable, make_grad_scaler, train_precision
+    from .hardware import check_scalable, make_grad_scaler, train_precision
 
     # fp16 GPUs (a T4): autocast + GradScaler as the trainers use there; bf16 GPUs and the CPU train as loaded
     precision = train_precision(method, "cuda" if cuda else "cpu")
@@ -208,9 +248,55 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
     else:
         mark = cpu_peak_start(model)
         load_bytes = mark[0]
+    if memory_limit_mib is not None:
+        limit_training_memory(memory_limit_mib, "cuda" if cuda else "cpu")
     model.train()
     counted: dict[str, int] = {}
     losses, t0 = [], time.perf_counter()
+    try:
+        _train_measured(model, batches, opt, params, scaler, amp, device, gradient_checkpointing, counted, losses)
+    except (RuntimeError, MemoryError) as err:
+        if memory_limit_mib is None or not _is_out_of_memory(err):
+            raise
+        oom = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    else:
+        oom = ""
+    if cuda:
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / max(steps, 1)
+    measured = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(mark)
+    # the estimate takes the dtypes the model was loaded and trained in, from the same rules (train_precision): full
+    # fine-tuning on a T4 keeps fp32 weights and computes in fp16 under autocast
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    weights_dtype, compute_dtype = name[precision.model_dtype], name[precision.compute_dtype]
+    setup = TrainingSetup(method, batch_size, seq_len, weights_dtype, "adamw",
+                          gradient_checkpointing=gradient_checkpointing, r=r, targets=ALL_LINEAR,
+                          padded=task is not None,
+                          compute_dtype=compute_dtype if compute_dtype != weights_dtype else None)
+    est = estimate_memory(shape, setup, "cuda" if cuda else "cpu")
+    estimated = {"gradients": sum(v for k, v in est.components.items() if "gradients" in k),
+                 "optimizer states": sum(v for k, v in est.components.items() if k.startswith("optimizer states"))}
+    if "saved activations" in counted:  # what backward keeps: the layers' saved tensors + the fp32 log-softmax
+        estimated["saved activations"] = (est.components["activations: saved for backward"]
+                                          + 4 * batch_size * seq_len * shape.vocab_size)
+    ppl = None
+    if eval_n and not oom:
+        from .data import load_task
+        from .evaluate import perplexity
+
+        ppl = perplexity(model, tok, load_task(task or "creative", "eval")[:eval_n], batch_size=eval_n)
+    return Measurement(method, "cuda" if cuda else "cpu", int(measured), est.total, int(load_bytes), losses, sec,
+                       ppl, str(est), counted, estimated, oom)
+
+
+def _train_measured(model: Any, batches: list, opt: Any, params: list, scaler: Any, amp: str, device: Any,
+                    gradient_checkpointing: bool, counted: dict[str, int], losses: list[float]) -> None:
+    """``run_measurement``'s training loop: the first step's saved activations, gradients and optimizer states are
+    counted tensor by tensor into ``counted``; each step's loss is appended to ``losses``."""
+    import torch
+
+    from .hardware import amp_context
+
     for i, b in enumerate(batches):
         with amp_context(amp, device.type):
             if i == 0 and not gradient_checkpointing:
@@ -231,32 +317,6 @@ def run_measurement(method: str, profile: str = "cpu", model_id: str | None = No
                                               if k != "step" and torch.is_tensor(t))
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    if cuda:
-        torch.cuda.synchronize()
-    sec = (time.perf_counter() - t0) / max(steps, 1)
-    measured = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(mark)
-    # the estimate takes the dtypes the model was loaded and trained in, from the same rules (train_precision): full
-    # fine-tuning on a T4 keeps fp32 weights and computes in fp16 under autocast
-    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    weights_dtype, compute_dtype = name[precision.model_dtype], name[precision.compute_dtype]
-    setup = TrainingSetup(method, batch_size, seq_len, weights_dtype, "adamw",
-                          gradient_checkpointing=gradient_checkpointing, r=r, targets=ALL_LINEAR,
-                          padded=task is not None,
-                          compute_dtype=compute_dtype if compute_dtype != weights_dtype else None)
-    est = estimate_memory(shape, setup, "cuda" if cuda else "cpu")
-    estimated = {"gradients": sum(v for k, v in est.components.items() if "gradients" in k),
-                 "optimizer states": sum(v for k, v in est.components.items() if k.startswith("optimizer states"))}
-    if "saved activations" in counted:  # what backward keeps: the layers' saved tensors + the fp32 log-softmax
-        estimated["saved activations"] = (est.components["activations: saved for backward"]
-                                          + 4 * batch_size * seq_len * shape.vocab_size)
-    ppl = None
-    if eval_n:
-        from .data import load_task
-        from .evaluate import perplexity
-
-        ppl = perplexity(model, tok, load_task(task or "creative", "eval")[:eval_n], batch_size=eval_n)
-    return Measurement(method, "cuda" if cuda else "cpu", int(measured), est.total, int(load_bytes), losses, sec,
-                       ppl, str(est), counted, estimated)
 
 
 def measure_peak(method: str, profile: str = "cpu", model_id: str | None = None, timeout: float = 600,
