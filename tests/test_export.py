@@ -265,3 +265,21 @@ def test_lora_to_gguf_runs_exactly_lora_convert_command(tiny_dir, tmp_path, monk
     (cmd,) = seen
     assert cmd == export.lora_convert_command(tmp_path, export.local_model_folder(tiny_dir), _outfile(cmd), "f32")
     assert Path(cmd[1]).name == "convert_lora_to_gguf.py" and cmd[cmd.index("--base") + 1] == str(tiny_dir)
+
+
+def test_cached_base_gguf_converts_once_and_names_the_file_after_the_model(tiny_dir, tmp_path, monkeypatch):
+    """Notebooks 08 and 13 share the base GGUF: the first call converts, later calls reuse the file."""
+    monkeypatch.setenv("LORA_COURSE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_to_gguf(folder, out, outtype="f16", **kw):
+        calls.append((Path(folder), Path(out).name, outtype))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_bytes(b"GGUF")
+        return Path(out)
+
+    monkeypatch.setattr(export, "to_gguf", fake_to_gguf)
+    first = export.cached_base_gguf(tiny_dir)
+    again = export.cached_base_gguf(tiny_dir)
+    assert first == again and first.name == f"base-{Path(tiny_dir).name}-f32.gguf"
+    assert calls == [(Path(tiny_dir), first.name, "f32")]

@@ -280,15 +280,23 @@ def test_merged_model_of_a_qlora_adapter_is_the_trained_function_and_the_16bit_m
     assert exact < 1e-4 < pitfall / 100, (exact, pitfall)
 
 
-def test_merged_model_of_a_plain_lora_model_merges_in_place_and_refuses_a_model_without_adapter(tiny_lora):
+def test_merged_model_of_a_plain_lora_model_leaves_the_trained_model_whole(tiny_lora, tmp_path):
+    """The merge happens on a copy: the peft model keeps its adapter (a save after the merge once wrote an empty
+    adapter_model.safetensors, 40 bytes, in notebook 13)."""
+    from peft.utils import get_peft_model_state_dict
+
     from lora_course.practice import merged_model
 
     peft_model, tok = tiny_lora
     peft_model = _trained_looking(peft_model)
     ids = torch.tensor([tok("hello there")["input_ids"]])
+    n_lora = len(get_peft_model_state_dict(peft_model))
     with torch.no_grad():
         before = peft_model(ids).logits
         merged = merged_model(peft_model)
         assert (merged(ids).logits - before).abs().max().item() < 1e-4
+        assert torch.equal(peft_model(ids).logits, before)  # the trained model is unchanged
+    assert n_lora > 0 and len(get_peft_model_state_dict(peft_model)) == n_lora
+    assert not any("lora" in n for n, _ in merged.named_parameters())
     with pytest.raises(TypeError, match="no adapter to merge"):
         merged_model(merged)

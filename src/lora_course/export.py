@@ -141,6 +141,23 @@ def merge_adapter(base: str | Path, adapter_dir: str | Path, out_dir: str | Path
     return save_model_folder(merged, tok, out_dir, overwrite=True)
 
 
+def cached_base_gguf(model: str | Path, outtype: str = "f32") -> Path:
+    """The base model as a GGUF in the course cache (``exports/base-<folder name>-<outtype>.gguf``), converted on the
+    first call and reused after: the file an adapter GGUF is applied to (``lora_to_gguf``, a Modelfile's ``ADAPTER``).
+
+    Notebooks 08 and 13 share it. ``model`` is a local folder or hub id (``local_model_folder``); a file at the path is
+    complete, since ``to_gguf`` writes to a temporary name and renames.
+    """
+    from .paths import cache_dir
+
+    folder = local_model_folder(model)
+    name = folder.name if Path(model).expanduser().is_dir() else str(model).rsplit("/", 1)[-1]
+    path = cache_dir() / "exports" / f"base-{name}-{outtype}.gguf"
+    if not path.exists():
+        to_gguf(folder, path, outtype=outtype)
+    return path
+
+
 def save_model_folder(model: Any, tokenizer: Any, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Save a plain transformers model and its tokenizer as the folder ``to_gguf`` converts (safetensors, the
     tokenizer with its chat template and special tokens, checked to convert into a form llama.cpp loads).
@@ -294,10 +311,25 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = [  # the error classes are defined in export_errors and imported from here
-    "CONVERTER_OUTTYPES", "ExportError", "OutputExistsError", "TokenizerError", "UnknownQuantizationError",
-    "UnsupportedArchitectureError", "convert_command", "file_size_mib", "format_table", "llama_threads",
-    "local_model_folder", "lora_convert_command", "lora_to_gguf", "main", "merge_adapter", "save_model_folder",
-    "to_gguf"]
+    "CONVERTER_OUTTYPES",
+    "ExportError",
+    "OutputExistsError",
+    "TokenizerError",
+    "UnknownQuantizationError",
+    "UnsupportedArchitectureError",
+    "cached_base_gguf",
+    "convert_command",
+    "file_size_mib",
+    "format_table",
+    "llama_threads",
+    "local_model_folder",
+    "lora_convert_command",
+    "lora_to_gguf",
+    "main",
+    "merge_adapter",
+    "save_model_folder",
+    "to_gguf",
+]
 
 if __name__ == "__main__":
     main()

@@ -292,9 +292,11 @@ def merged_model(peft_model: Any, profile: str = "auto", model_id: str | None = 
     ``dtype`` (fp32 by default), its quantized layers get ``dequantized_weights``, then the adapter is merged. Merging
     into the original 16-bit W instead shifts every layer by W - Ŵ (notebook 11 measures it), and ``merge_and_unload``
     on the 4-bit model itself re-quantizes and loses most of the update. ``profile``/``model_id`` name the base the
-    QLoRA model was loaded from (``models.resolve_source``); a 16-bit ``peft_model`` is merged in place (as
-    ``merge_and_unload`` does) and returned unwrapped.
+    QLoRA model was loaded from (``models.resolve_source``). ``peft_model`` itself is left as trained, adapter
+    included (``merge_and_unload`` on it would strip its LoRA layers, and a later ``save_pretrained`` would write
+    an empty adapter): a 16-bit model is merged on a copy.
     """
+    import copy
     import tempfile
 
     import bitsandbytes as bnb
@@ -307,7 +309,7 @@ def merged_model(peft_model: Any, profile: str = "auto", model_id: str | None = 
         raise TypeError(f"{type(peft_model).__name__} has no adapter to merge: pass the peft model you trained "
                         "(get_peft_model / PeftModel.from_pretrained)")
     if not any(isinstance(m, bnb.nn.Linear4bit) for m in peft_model.modules()):
-        return peft_model.merge_and_unload()
+        return copy.deepcopy(peft_model).merge_and_unload().eval()
     deq = dequantized_weights(peft_model, dtype or torch.float32)
     base, _ = load_base(profile, model_id, dtype=dtype or torch.float32,
                         device=str(next(peft_model.parameters()).device))
