@@ -14,10 +14,11 @@ def test_committed_files_equal_the_generator(task, split):
 
 
 @pytest.mark.parametrize("task", data.TASKS)
-def test_eval_prompts_are_held_out(task):
+@pytest.mark.parametrize("split", ["eval", "test"])
+def test_eval_prompts_are_held_out(task, split):
     train = {ex["messages"][0]["content"] for ex in data.load_task(task, "train")}
-    ev = [ex["messages"][0]["content"] for ex in data.load_task(task, "eval")]
-    assert len(ev) == data.SIZES["eval"] and not train & set(ev)
+    ev = [ex["messages"][0]["content"] for ex in data.load_task(task, split)]
+    assert len(ev) == data.SIZES[split] and not train & set(ev)
 
 
 def test_eval_uses_unseen_topics_numbers_and_constants():

@@ -1,9 +1,10 @@
 """Notebook 09's runs: configurations, grids, cache keys, the model identity, and real runs of every method."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -27,8 +28,9 @@ def test_unknown_variant_lists_the_valid_ones():
         assert m in str(err.value)
 
 
-@pytest.mark.parametrize("kwargs, needle", [({"targets": "q,v"}, "q,k,v,o"), ({"task": "poetry"}, "technical"),
-                                            ({"steps": 0}, "steps"), ({"lr": -1.0}, "lr")])
+@pytest.mark.parametrize("kwargs, needle", [({"targets": "q,o"}, "q,k,v,o"), ({"targets": "q,o"}, "q,v"),
+                                            ({"task": "poetry"}, "technical"), ({"steps": 0}, "steps"),
+                                            ({"lr": -1.0}, "lr"), ({"eval_n": 0}, "eval_n")])
 
 
 def test_bad_values_are_named(kwargs, needle):
@@ -47,28 +49,112 @@ def test_defaults_resolve_per_method():
     assert ex.make_config(method="full").lr == ex.DEFAULT_LR["full"]
     assert ex.make_config(method="lora", r=4).alpha == 8.0
     assert ex.make_config(method="lora", lr=1e-4).lr == 1e-4
+    assert ex.make_config(targets="q,v").targets == "q,v" and ex.TARGET_SETS["q,v"] == ("q_proj", "v_proj")
 
 
-def test_grid_covers_the_studies_once():
+def test_runs_are_scored_on_the_whole_test_split():
+    from lora_course import data
+
+    cfg = ex.make_config()
+    assert (cfg.steps, cfg.eval_n) == (32, 100)
+    assert cfg.eval_n == data.SIZES["test"] == len(data.load_task(cfg.task, "test"))
+    # the check study's live runs score a subset, within the split
+    assert all(c.eval_n == 30 and c.steps == ex.CHECK_STEPS for c in ex.grid("check"))
+
+
+def test_labels_name_rank_alpha_and_nondefault_steps():
+    assert ex.make_config().label == "lora r=8 a=16 all lr=0.003 s0"
+    assert ex.make_config(r=2, alpha=16, lr=1e-3, seed=2).label == "lora r=2 a=16 all lr=0.001 s2"
+    assert ex.make_config(r=2, lr=1e-3).label == "lora r=2 a=4 all lr=0.001 s0"
+    assert ex.make_config(method="rslora", r=32, alpha=ex.RS_ALPHA).label == "rslora r=32 a=5.66 all lr=0.003 s0"
+    assert ex.make_config(method="full").label == "full all lr=3e-05 s0"
+    assert ex.make_config(steps=8, targets="q,v").label == "lora r=8 a=16 q,v lr=0.003 8 steps s0"
+    assert ex.make_config(method="ia3", steps=ex.CHECK_STEPS).label == "ia3 all lr=0.01 8 steps s0"
+    # every configuration of the sweep has its own label (the notebook's tables are keyed by them)
+    grid = ex.full_grid(seeds=(0, 1))
+    assert len({c.label for c in grid}) == len(grid)
+
+
+def test_scaling_of_names_the_rule_and_its_scale():
+    assert ex.scaling_of(ex.make_config(r=2, alpha=16.0)) == ("fixed", 8.0)
+    assert ex.scaling_of(ex.make_config(r=32, alpha=16.0)) == ("fixed", 0.5)
+    assert ex.scaling_of(ex.make_config(r=2)) == ("2r", 2.0)
+    assert ex.scaling_of(ex.make_config(r=32)) == ("2r", 2.0)
+    rule, scale = ex.scaling_of(ex.make_config(method="rslora", r=32, alpha=ex.RS_ALPHA))
+    assert rule == "rs" and scale == pytest.approx(ex.RS_ALPHA / math.sqrt(32)) and scale == pytest.approx(1.0)
+    assert ex.scaling_of(ex.make_config(method="rslora", r=2, alpha=ex.RS_ALPHA))[1] == pytest.approx(4.0)
+    # all three scalings agree at r = 8: scale 2 (and a plain record's config dict reads the same)
+    at8 = [ex.make_config(**{**spec, "r": 8}) for spec in ex.SCALINGS.values()]
+    assert [ex.scaling_of(c)[1] for c in at8] == pytest.approx([2.0, 2.0, 2.0])
+    assert ex.scaling_of(asdict(ex.make_config(r=8, alpha=16.0))) == ("2r", 2.0)
+
+
+def _rates(cfgs, **match):
+    return [c.lr for c in cfgs if all(getattr(c, k) == v for k, v in match.items())]
+
+
+def test_scaling_study_holds_r8_once_and_each_scaling_elsewhere():
+    cfgs = ex.grid("scaling")
+    assert len(cfgs) == len(set(cfgs)) == 3 + 2 * len(ex.SCALINGS) * 3
+    assert {c.seed for c in cfgs} == {0} and {c.targets for c in cfgs} == {"all"}
+    assert {c.r for c in cfgs} == set(ex.SCALING_RANKS) == {2, 8, 32}
+    # r = 8 once, at LoRA's three rates, with alpha = 16 (where fixed, 2r and rs agree)
+    at8 = [c for c in cfgs if c.r == 8]
+    assert [(c.method, c.alpha) for c in at8] == [("lora", 16.0)] * 3 and _rates(at8) == list(ex.LR_GRID["lora"])
+    for r in (2, 32):
+        for name, spec in ex.SCALINGS.items():
+            alpha = spec["alpha"] if spec["alpha"] is not None else 2.0 * r
+            group = [c for c in cfgs if c.r == r and c.method == spec["method"] and c.alpha == pytest.approx(alpha)]
+            assert _rates(group) == list(ex.LR_GRID["lora"]), (r, name)
+            assert {ex.scaling_of(c)[0] for c in group} == {name}
+    assert len(ex.LR_GRID["lora"]) == 3
+
+
+def test_methods_and_targets_studies_try_three_rates_each():
+    cfgs = ex.grid("methods")
+    methods = ("full", "lora", "qlora", "dora", "loraplus")
+    assert len(cfgs) == len(set(cfgs)) == 3 * len(methods)
+    for m in methods:
+        rates = _rates(cfgs, method=m)
+        assert rates == list(ex.LR_GRID[m]) and len(rates) == 3, m
+        assert all(2 < b / a < 4 for a, b in itertools.pairwise(rates)), m  # about a factor of 3 apart
+    # the LoRA family shares one grid; LoRA+ (B steps at 16x) tries a third of it: one grid step lower
+    assert ex.LR_GRID["qlora"] == ex.LR_GRID["dora"] == ex.LR_GRID["rslora"] == ex.LR_GRID["lora"]
+    plus, lora = ex.LR_GRID["loraplus"], ex.LR_GRID["lora"]
+    assert all(2 < b / a < 4 for a, b in zip(plus, lora, strict=True)) and plus[1:] == lora[:-1]
+    assert {(c.r, c.targets, c.alpha) for c in cfgs} == {(8, "all", 16.0)}
+    targets = ex.grid("targets")
+    for t in ("q,v", "all"):
+        assert _rates(targets, targets=t) == list(ex.LR_GRID["lora"]), t
+    assert len(targets) == 6
+
+
+def test_noise_study_always_holds_its_three_seeds():
+    assert [c.seed for c in ex.grid("noise")] == list(ex.NOISE_SEEDS) == [0, 1, 2]
+    assert [c.seed for c in ex.grid("noise", seeds=(0,))] == [0, 1, 2]
+    assert [c.seed for c in ex.grid("noise", seeds=(5,))] == [5, 0, 1, 2]
+    assert {replace(c, seed=0) for c in ex.grid("noise")} == {ex.make_config(lr=1e-3)}
+    # other studies take the seeds they are given (default: seed 0 only)
+    assert {c.seed for c in ex.grid("methods")} == {0}
+    assert {c.seed for c in ex.grid("methods", seeds=(0, 1))} == {0, 1}
+
+
+def test_full_grid_holds_each_configuration_once():
     grid = ex.full_grid()
-    assert len(grid) == len(set(grid))
-    methods = {c.method for c in grid}
-    assert methods == set(ex.METHODS)
-    assert {c.r for c in grid if c.method == "lora" and c.targets == "all" and c.steps == 20} == set(ex.RANKS)
-    assert {c.targets for c in grid if c.method == "lora"} == set(ex.TARGET_SETS)
-    # LoRA r=8 on all layers serves the rank, target, memory and variant studies: once per seed.
-    shared = [c for c in grid if c == replace(ex.make_config(), seed=c.seed)]
-    assert sorted(c.seed for c in shared) == [0, 1, 2]
-    for s, seeds in ex.STUDY_SEEDS.items():
-        assert {c.seed for c in ex.grid(s)} == set(seeds)
-
-
-def test_variants_study_holds_a_second_rate_with_lora_as_control():
-    cfgs = ex.grid("variants", seeds=(0,))
-    assert [c.method for c in cfgs[:len(ex.VARIANTS)]] == list(ex.VARIANTS)
-    second = [(c.method, c.lr) for c in cfgs[len(ex.VARIANTS):]]
-    assert second == list(ex.VARIANT_SECOND_LR.items()) and ("lora", 3e-4) in second
-    assert all(lr < ex.DEFAULT_LR[m] for m, lr in second)
+    assert len(grid) == len(set(grid)) == 40
+    per_study = {s: set(ex.grid(s)) for s in ex.STUDIES}
+    assert set(grid) == set().union(*per_study.values())
+    # LoRA r=8 on all layers at 1e-3, seed 0, serves the scaling, methods, targets and noise studies: once
+    shared = ex.make_config(lr=1e-3)
+    assert grid.count(shared) == 1
+    assert [s for s in ex.STUDIES if shared in per_study[s]] == ["scaling", "methods", "targets", "noise"]
+    assert [s for s in ex.STUDIES if ex.in_study({"config": asdict(shared)}, s)] == ["scaling", "methods", "targets",
+                                                                                      "noise"]
+    assert not any(ex.in_study({"config": asdict(ex.make_config(r=4))}, s) for s in ex.STUDIES)
+    assert sorted(c.seed for c in grid if replace(c, seed=0) == shared) == [0, 1, 2]
+    assert {c.method for c in grid} == {"full", "lora", "qlora", "rslora", "dora", "loraplus", "ia3"}
+    two = ex.full_grid(seeds=(0, 1))
+    assert len(two) == len(set(two)) == 2 * 40 - 3  # the noise study's seeds 0 and 1 are not repeated
 
 
 # ------------------------------------------------------------------------------------------------- keys

@@ -9,7 +9,12 @@ the eval split uses held-out numbers (``technical``), held-out topics (``creativ
 - ``code``: short Python functions from a one-line description, scored by running unit tests in a separate
   process with a timeout (``lora_course.evaluate.run_code_tests``).
 
-``python -m lora_course.data --write data`` regenerates ``data/<task>/{train,eval}.jsonl`` (committed).
+The ``test`` split draws 100 more held-out examples from the eval split's pools (prompts may repeat the eval split's
+30, never the training split's): notebook 09's experiments score their exact-match metric on it, where 30 items leave
+a resolution of 3.3 points and a sampling noise of up to 9. The technical task's pool holds 100 distinct test prompts;
+the creative and code pools hold 30 (held-out topics and constants), so their test splits repeat prompts.
+
+``python -m lora_course.data --write data`` regenerates ``data/<task>/{train,eval,test}.jsonl`` (committed).
 """
 from __future__ import annotations
 
@@ -24,8 +29,8 @@ from typing import Any
 from .paths import data_dir, write_text_atomic
 
 TASKS: tuple[str, ...] = ("technical", "creative", "code")
-SPLITS: tuple[str, ...] = ("train", "eval")
-SIZES: dict[str, int] = {"train": 160, "eval": 30}
+SPLITS: tuple[str, ...] = ("train", "eval", "test")
+SIZES: dict[str, int] = {"train": 160, "eval": 30, "test": 100}
 SEED = 1234
 
 
@@ -175,7 +180,7 @@ def generate_task(task: str, split: str, n: int | None = None, seed: int = SEED)
     """Generate ``n`` examples of ``task``/``split`` deterministically (same seed, same bytes)."""
     _check_name(task, split)
     rng = random.Random(f"{seed}-{task}-{split}")
-    pool = getattr(_POOLS[task], split)
+    pool = getattr(_POOLS[task], "eval" if split == "test" else split)  # test: more draws from the held-out pools
     n = SIZES[split] if n is None else n
     out, seen, tries = [], set(), 0
     while len(out) < n:

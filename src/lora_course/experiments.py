@@ -12,7 +12,7 @@ of peak RSS during training). A run's cache key (``run_key``) hashes
 
 The sweep that runs a grid in fresh processes, caches each record under its key and resumes is ``sweep``; the study
 tables and the references' claims judged from its results are ``claims``. ``make sweep`` (this module's CLI,
-``python -m lora_course.experiments``) runs every study's grid (``full_grid``, up to 3 seeds) and writes
+``python -m lora_course.experiments``) runs every study's grid (``full_grid``) and writes
 ``results/experiments.json``; notebook 09 draws from that file and re-runs a live subset to catch stale results.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS_VERSION = 1
+EXPERIMENTS_VERSION = 2
 """Bump when a change outside the hashed functions changes what a run measures."""
 
 METHODS: tuple[str, ...] = ("full", "lora", "qlora", "rslora", "dora", "loraplus", "pissa", "olora", "adalora",
@@ -40,6 +40,7 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
     "q,k": ("q_proj", "k_proj"),
     "q,k,v": ("q_proj", "k_proj", "v_proj"),
     "q,k,v,o": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "q,v": ("q_proj", "v_proj"),
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 """The target-module sets of the ablation, by short name (Llama projection names)."""
@@ -52,7 +53,8 @@ DEFAULT_LR: dict[str, float] = {
     "ia3": 1e-2,       # (IA)^3 likewise trains only rescaling vectors
     "prefix": 1e-2,    # prefix tuning trains virtual tokens' key/values
 }
-"""Each method's learning rate for the course's budget (a probe per method on the technical task; see notebook 09)."""
+"""Each method's rate when a configuration names none (a probe per method on the technical task at 20 steps): the
+``check`` study's and notebook 12's. Notebook 09 compares methods over ``LR_GRID`` instead, each at its best rate."""
 
 
 class ExperimentConfigError(ValueError):
@@ -73,11 +75,11 @@ class RunConfig:
     alpha: float | None = None     # None: 2 * r
     targets: str = "all"           # a key of TARGET_SETS
     lr: float | None = None        # None: DEFAULT_LR[method]
-    steps: int = 20
+    steps: int = 32                # 128 of the 160 training examples: the loss has flattened (notebook 09 checks)
     batch_size: int = 4
     max_length: int = 96
     seed: int = 0
-    eval_n: int = 30               # held-out examples scored (the whole eval split is 30)
+    eval_n: int = 100              # held-out examples scored from the test split (data.SIZES["test"] = 100)
 
     def resolved(self) -> RunConfig:
         """The configuration with its defaults filled in: what the cache key and the record hold."""
@@ -86,10 +88,11 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        """A short human-readable name, e.g. ``lora r=8 all s0``."""
+        """A short human-readable name, e.g. ``lora r=8 a=16 all lr=0.003 s0``."""
         c = self.resolved()
-        rank = "" if c.method in ("full", "ia3", "prefix") else f" r={c.r}"
-        return f"{c.method}{rank} {c.targets} lr={c.lr:g} s{c.seed}"
+        rank = "" if c.method in ("full", "ia3", "prefix") else f" r={c.r} a={c.alpha:.3g}"
+        steps = "" if c.steps == RunConfig.steps else f" {c.steps} steps"
+        return f"{c.method}{rank} {c.targets} lr={c.lr:g}{steps} s{c.seed}"
 
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(RunConfig))
@@ -118,38 +121,72 @@ def make_config(**kwargs: Any) -> RunConfig:
 
 
 # ================================================================================================= grids
-RANKS: tuple[int, ...] = (1, 2, 4, 8, 16, 64)
-VARIANTS: tuple[str, ...] = ("lora", "rslora", "dora", "loraplus", "pissa", "olora", "adalora", "vera", "ia3",
-                             "prefix")
-STUDIES: tuple[str, ...] = ("rank", "targets", "memory", "variants", "check")
-STUDY_SEEDS: dict[str, tuple[int, ...]] = {"rank": (0, 1, 2), "targets": (0, 1, 2), "memory": (0, 1, 2),
-                                           "variants": (0, 1), "check": (0,)}
-"""Seeds per study: 3 where the spread over seeds is the question, 2 for the variants (LoRA's 3 seeds give the
-spread they are compared with), 1 for the live check. The whole grid fits an hour on 2 cores (``make sweep``)."""
-VARIANT_SECOND_LR: dict[str, float] = {"lora": 3e-4, "loraplus": 3e-4, "olora": 3e-4}
-"""A second learning rate in the variants study, a tenth of LoRA's: at LoRA's 3e-3 the committed sweep measured
-LoRA+ (whose ``B`` then steps at 16 x 3e-3) diverging on both seeds and OLoRA on one (training loss rose). The
-second rows tell a method that fails from a rate that does; plain LoRA at the same tenth is their control."""
+LR_GRID: dict[str, tuple[float, ...]] = {
+    "full": (1e-5, 3e-5, 1e-4),          # every weight moves: a LoRA-sized step wrecks the model
+    "lora": (3e-4, 1e-3, 3e-3), "rslora": (3e-4, 1e-3, 3e-3), "dora": (3e-4, 1e-3, 3e-3),
+    "qlora": (3e-4, 1e-3, 3e-3),
+    "loraplus": (1e-4, 3e-4, 1e-3),      # B steps at 16x the rate: a third of LoRA's grid
+}
+"""Three learning rates per method, a factor of about 3 apart: each method is compared at its best rate on the
+continuous metric (``claims.best_rows``), and a best rate at the grid's edge is flagged. LoRA's grid is centred on
+1e-3: at 32 steps its held-out loss was lower at 1e-3 (0.220) than at ``DEFAULT_LR``'s 3e-3 (0.262)."""
+RS_ALPHA = 2 * 8 ** 0.5
+"""rsLoRA's alpha in the scaling study: its scale alpha / sqrt(r) equals LoRA's alpha / r = 2 at r = 8, so all three
+scalings share the r = 8 runs and differ only away from it."""
+SCALINGS: dict[str, dict[str, Any]] = {
+    "fixed": {"method": "lora", "alpha": 16.0},      # Hu et al.: alpha fixed, scale 16 / r
+    "2r": {"method": "lora", "alpha": None},         # the references' rule of thumb: alpha = 2r, scale 2
+    "rs": {"method": "rslora", "alpha": RS_ALPHA},   # rsLoRA: scale alpha / sqrt(r)
+}
+"""The scaling study's three ways to set LoRA's scale as the rank changes (all equal at r = 8)."""
+SCALING_RANKS: tuple[int, ...] = (2, 8, 32)
+STUDIES: tuple[str, ...] = ("scaling", "methods", "targets", "noise", "check")
+NOISE_SEEDS: tuple[int, ...] = (0, 1, 2)
+"""The ``noise`` study: LoRA r = 8 at 1e-3 with three seeds, the spread every verdict is judged against."""
 CHECK_STEPS = 8
 """The ``check`` study: short runs that notebook 09 re-runs live (<= 120 s for both) and compares with the file."""
 
 
+def scaling_of(cfg: RunConfig | dict[str, Any]) -> tuple[str, float]:
+    """Which scaling rule a LoRA configuration follows (``fixed``, ``2r``, ``rs``, or ``2r`` at r = 8 where all
+    agree) and its scale: alpha / sqrt(r) for rsLoRA, alpha / r otherwise."""
+    c = cfg if isinstance(cfg, dict) else asdict(cfg.resolved())
+    alpha, r = float(c["alpha"]), int(c["r"])
+    if c["method"] == "rslora":
+        return "rs", alpha / r ** 0.5
+    return ("2r" if alpha == 2 * r else "fixed"), alpha / r
+
+
 def grid(study: str, seeds: Sequence[int] | None = None, **common: Any) -> list[RunConfig]:
-    """The configurations of one study (``rank``, ``targets``, ``memory``, ``variants``, ``check``) for each seed."""
+    """The configurations of one study for each seed (default: seed 0; ``noise`` adds ``NOISE_SEEDS`` to any).
+
+    - ``scaling``: LoRA at r = 2, 8, 32 under each of ``SCALINGS`` (r = 8 once: all three agree there), each at
+      ``LR_GRID["lora"]``;
+    - ``methods``: full fine-tuning, LoRA, QLoRA, DoRA and LoRA+ at r = 8 on all linear layers, each at its
+      ``LR_GRID``;
+    - ``targets``: LoRA r = 8 on ``q,v`` (the LoRA paper's choice) and on all linear layers, each at three rates;
+    - ``noise``: LoRA r = 8 at 1e-3, three seeds;
+    - ``check``: two short runs notebook 09 re-runs live (scored on 30 test examples to stay within its budget).
+    """
     rows: list[dict[str, Any]]
-    if study == "rank":
-        rows = [{"method": "lora", "r": r} for r in RANKS] + [{"method": "full"}]
+    if study == "scaling":
+        rows = [{"method": "lora", "r": 8, "lr": lr} for lr in LR_GRID["lora"]]
+        rows += [{**SCALINGS[name], "r": r, "lr": lr} for r in SCALING_RANKS if r != 8 for name in SCALINGS
+                 for lr in LR_GRID["lora"]]
+    elif study == "methods":
+        rows = [{"method": m, "lr": lr} for m in ("full", "lora", "qlora", "dora", "loraplus") for lr in LR_GRID[m]]
     elif study == "targets":
-        rows = [{"method": "lora", "targets": t} for t in TARGET_SETS]
-    elif study == "memory":
-        rows = [{"method": m} for m in ("full", "lora", "qlora")]
-    elif study == "variants":
-        rows = [{"method": v} for v in VARIANTS] + [{"method": m, "lr": lr} for m, lr in VARIANT_SECOND_LR.items()]
+        rows = [{"method": "lora", "targets": t, "lr": lr} for t in ("q,v", "all") for lr in LR_GRID["lora"]]
+    elif study == "noise":
+        rows = [{"method": "lora", "lr": 1e-3}]
     elif study == "check":
-        rows = [{"method": "lora", "steps": CHECK_STEPS}, {"method": "ia3", "steps": CHECK_STEPS}]
+        rows = [{"method": m, "steps": CHECK_STEPS, "eval_n": 30} for m in ("lora", "ia3")]
     else:
         raise ExperimentConfigError(f"unknown study {study!r}: choose one of {', '.join(STUDIES)}")
-    seeds = STUDY_SEEDS[study] if seeds is None else seeds
+    if seeds is None:
+        seeds = (0,)
+    if study == "noise":  # its spread over seeds is what every verdict is judged against: always all of them
+        seeds = tuple(dict.fromkeys((*seeds, *NOISE_SEEDS)))
     return [make_config(**{**common, **row}, seed=s) for s in seeds for row in rows]
 
 
@@ -215,7 +252,7 @@ def code_version() -> str:
     bytes), and the versions of the libraries that compute it (``STACK``)."""
     from importlib.metadata import version
 
-    from .data import TASKS, collate, load_task, tokenize_example
+    from .data import SPLITS, TASKS, collate, load_task, tokenize_example
     from .evaluate import evaluate_task, generate, perplexity, score
     from .memory import cpu_peak_bytes, cpu_peak_start
     from .models import load_for_method
@@ -225,7 +262,7 @@ def code_version() -> str:
     funcs = (train_steps, tokenize_example, collate, load_task, evaluate_task, generate, perplexity, score,
              build_model, run_one, RunConfig.resolved, load_for_method, cpu_peak_start, cpu_peak_bytes)
     data = {f"{t}/{split}": _sha((data_dir() / t / f"{split}.jsonl").read_bytes())[:16]
-            for t in TASKS for split in ("train", "eval") if (data_dir() / t / f"{split}.jsonl").is_file()}
+            for t in TASKS for split in SPLITS if (data_dir() / t / f"{split}.jsonl").is_file()}
     blob = json.dumps({"version": EXPERIMENTS_VERSION, "defaults": DEFAULT_LR, "targets": TARGET_SETS,
                        "code": [_sha(inspect.getsource(f).encode()) for f in funcs], "data": data,
                        "stack": {name: version(name).split("+")[0] for name in STACK}}, sort_keys=True)
@@ -248,8 +285,7 @@ def build_model(cfg: RunConfig, profile: str = "cpu", model_id: str | None = Non
     import torch
     from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, VeraConfig, get_peft_model
 
-    from .memory import load_for_method
-    from .models import load_base
+    from .models import load_base, load_for_method
 
     cfg = cfg.resolved()
     targets = list(TARGET_SETS[cfg.targets])
@@ -349,12 +385,12 @@ def run_one(cfg: RunConfig, profile: str = "cpu", model_id: str | None = None) -
     evaluated = model
     if cfg.method == "qlora" and not cuda:
         # bitsandbytes decodes every weight at each CPU forward: generate from a decoded copy (same function)
-        from .nf4 import dequantized_copy
+        from .bnb_interop import dequantized_copy
 
         evaluated = dequantized_copy(model)
     evaluated.config.use_cache = True
     t_eval = time.perf_counter()
-    result = evaluate_task(evaluated, tok, cfg.task, load_task(cfg.task, "eval")[:cfg.eval_n])
+    result = evaluate_task(evaluated, tok, cfg.task, load_task(cfg.task, "test")[:cfg.eval_n])
     eval_seconds = time.perf_counter() - t_eval
     return {
         "config": asdict(cfg),
@@ -384,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-one", help="(internal) run one JSON configuration in this process and print its record")
     p.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated studies: {', '.join(STUDIES)}")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds for every study (default: STUDY_SEEDS)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds for every study (default: 0; the noise study adds NOISE_SEEDS)")
     p.add_argument("--steps", type=int, default=None, help="override every run's steps")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--profile", default="cpu")

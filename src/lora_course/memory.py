@@ -29,9 +29,6 @@ from .models import METHODS, gpu_model_dir, load_for_method
 from .procs import run_module
 from .shapes import ALL_LINEAR
 
-# ``load_for_method`` (models) is run_measurement's; experiments.build_model also imports it from here, in a line of
-# the source that experiments.code_version hashes (the committed results/experiments.json depend on it).
-
 
 @dataclass
 class Measurement:

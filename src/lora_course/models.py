@@ -363,7 +363,7 @@ def load_for_method(method: str, profile: str, model_id: str | None, r: int = 16
         model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=select_dtype(device),
                                                      device_map={"": 0} if device == "cuda" else {"": "cpu"})
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
-        from .nf4 import disable_cpu_repacking
+        from .bnb_interop import disable_cpu_repacking
 
         disable_cpu_repacking(model)  # float32 path on every CPU: no bf16 repack after an eval (nf4's docstring)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -298,19 +297,3 @@ class QLoRALinear(LoRAPair):
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}, "
                 f"blocksize={self.blocksize}, double_quant={self.absmax2 is not None}, r={self.r}, "
                 f"alpha={self.alpha:g}")
-
-
-# Two names of lora_course.bnb_interop still resolve here, lazily (no import cycle: bnb_interop imports nf4). The
-# source of experiments.run_one (``from .nf4 import dequantized_copy``) and of models.load_for_method (``from .nf4
-# import disable_cpu_repacking``) is hashed into the key of every committed result in results/experiments.json
-# (experiments.code_version): editing those lines would make every record stale until `make sweep` runs the grid
-# again (about an hour on 2 cores). The next sweep's change imports them from bnb_interop and removes this.
-_PINNED_BY_HASHED_SOURCE = ("dequantized_copy", "disable_cpu_repacking")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PINNED_BY_HASHED_SOURCE:
-        from . import bnb_interop
-
-        return getattr(bnb_interop, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

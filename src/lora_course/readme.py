@@ -8,6 +8,7 @@ so a README figure that no longer matches its source fails the tests).
     make bench                 -> results/bench-cpu.json       -> block bench-cpu
     make test-gpu MODEL_ID=... -> results/gpu-lane-real-*.json  -> block gpu-lanes   (GPU_OUT's gpu-lane.json, copied)
     make course                -> results/course-cpu.json       -> block course-cpu
+    make sweep                 -> results/experiments.json      -> block experiments
 """
 from __future__ import annotations
 
@@ -45,9 +46,13 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
                                       f"NF4/INT4/FP4 {m['nf4_mse_over_var_normal']}/{m['int4_mse_over_var_normal']}/"
                                       f"{m['fp4_mse_over_var_normal']}; {m['bits_per_param_plain']} vs "
                                       f"{m['bits_per_param_double_quant']} bits/param"),
-    "09_experiments": lambda m: (f"{m['runs']} runs; peak MiB full/LoRA/QLoRA {m['peak_mib_full']}/{m['peak_mib_lora']}"
-                                 f"/{m['peak_mib_qlora']}; exact: full {m['rank_full_metric']:.2f}, LoRA r=8 "
-                                 f"{m['rank_r8_metric']:.2f}"),
+    "09_experiments": lambda m: (
+        f"{m['runs']} runs; peak MiB full/LoRA/QLoRA {m['peak_mib_full']}/{m['peak_mib_lora']}/{m['peak_mib_qlora']}; "
+        + (f"held-out loss at the best rate: full {m['best_full_loss']:.3f}, LoRA {m['best_lora_loss']:.3f} (noise "
+           f"threshold {m['noise_loss_threshold']:.3f}); claims {m['claims_supported']}/{m['claims_contradicted']}/"
+           f"{m['claims_inconclusive']} supported/contradicted/inconclusive" if "best_lora_loss" in m else
+           # the first grid's metrics (20 steps, one rate per method), as earlier lane reports hold them
+           f"exact: full {m['rank_full_metric']:.2f}, LoRA r=8 {m['rank_r8_metric']:.2f}")),
     "10_scaling_out": lambda m: (f"{m['processes']} processes; DDP/FSDP vs one process: loss within "
                                  f"{m['ddp_max_loss_diff_vs_one_process']:.0e}/{m['fsdp_max_loss_diff_vs_one_process']:.0e}"
                                  f"; traffic measured/computed {m['ddp_measured_over_computed_traffic']}"),
@@ -133,8 +138,32 @@ def render_course_cpu(root: Path = ROOT) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_experiments(root: Path = ROOT) -> str:
+    """``make sweep``'s grid (results/experiments.json): how it ran, the noise, each method and rank at its best
+    rate, and the references' claims as notebook 09 judges them (``claims.check_claims`` on the file's records)."""
+    from .claims import best_rows, check_claims, measure_noise, study_rows
+
+    doc = json.loads((root / "results" / "experiments.json").read_text(encoding="utf-8"))
+    recs, m = doc["records"], doc["machine"]
+    flags = ", ".join(k for k, v in m.get("flags", {}).items() if v) or "none of AVX2/AVX-512/AMX"
+    noise = measure_noise(recs)
+    lines = [(f"`make sweep` on {m.get('cpu')} ({m.get('cores')} cores; {flags}), {doc['date']}: {len(recs)} runs in "
+             f"{doc['sweep_seconds'] / 60:.0f} min ({doc['ran_now']} run, {doc['cached']} from the cache; code version "
+             f"{doc['code_version']}; [results/experiments.json](results/experiments.json)). Noise: {noise}."), "",
+             "| configuration | best rate | held-out loss | exact match (of 100) | peak MiB | s/step |",
+             "|---|---|---|---|---|---|"]
+    for study in ("methods", "scaling", "targets"):
+        for b in best_rows(study_rows(recs, study)):
+            edge = " (edge)" if b["at_edge"] else ""
+            lines.append(f"| {b['label'].rsplit(' lr=', 1)[0]} ({study}) | {b['lr']:g}{edge} | {b['loss']:.3f} | "
+                         f"{b['metric']:.2f} | {b['peak_mib']:.0f} | {b['sec_per_step']:.2f} |")
+    lines += ["", "| the references' claim | source | verdict |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['source']} | {c['verdict']} |" for c in check_claims(recs)]
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {"bench-cpu": render_bench_cpu, "gpu-lanes": render_gpu_lanes,
-                                            "course-cpu": render_course_cpu}
+                                            "course-cpu": render_course_cpu, "experiments": render_experiments}
 
 
 def _pattern(name: str) -> re.Pattern[str]:
