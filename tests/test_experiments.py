@@ -241,3 +241,15 @@ def test_parameter_counts_order():
               ["trainable_params"] for m in ("lora", "vera", "ia3", "full")}
     assert counts["ia3"] < counts["lora"] < counts["full"]
     assert counts["vera"] < counts["lora"]
+
+
+def test_in_study_recognises_a_grid_run_with_its_steps_overridden():
+    """Notebook 09's live grid may run every configuration with other steps (check_provenance's live_steps): its
+    records still belong to their studies, so the noise study and the claims can be read from them."""
+    from dataclasses import asdict
+
+    short = ex.full_grid(steps=2)
+    noise = [c for c in short if ex.in_study({"config": asdict(c)}, "noise")]
+    assert sorted(c.seed for c in noise) == list(ex.NOISE_SEEDS) and {c.steps for c in noise} == {2}
+    assert all(any(ex.in_study({"config": asdict(c)}, s) for s in ex.STUDIES) for c in short)
+    assert not ex.in_study({"config": asdict(ex.make_config(steps=2, lr=2e-3))}, "methods")  # a rate off the grid

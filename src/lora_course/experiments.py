@@ -200,9 +200,12 @@ def full_grid(seeds: Sequence[int] | None = None, studies: Sequence[str] = STUDI
 
 
 def in_study(record: dict[str, Any], study: str, **common: Any) -> bool:
-    """Whether a record's configuration belongs to ``study`` (any seed)."""
+    """Whether a record's configuration belongs to ``study`` (any seed), also in a grid run with every run's steps
+    overridden (``full_grid(steps=...)``, as notebook 09's live grid on the GPU profiles can be)."""
     cfg = make_config(**record["config"])
-    return any(replace(c, seed=cfg.seed) == cfg for c in grid(study, seeds=(cfg.seed,), **common))
+    overrides = ({}, {"steps": cfg.steps}) if "steps" not in common else ({},)
+    return any(replace(c, seed=cfg.seed) == cfg for extra in overrides
+               for c in grid(study, seeds=(cfg.seed,), **common, **extra))
 
 
 # ================================================================================================ identity
