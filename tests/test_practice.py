@@ -300,3 +300,55 @@ def test_merged_model_of_a_plain_lora_model_leaves_the_trained_model_whole(tiny_
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with pytest.raises(TypeError, match="no adapter to merge"):
         merged_model(merged)
+
+
+def test_merged_model_unmerged_reference_and_dtype(tiny_lora):
+    """merge=False keeps the adapter (a peft model computing the trained function in ``dtype``); a dtype given casts
+    the copy, and the reference and the merge then agree to that precision's rounding."""
+    from lora_course.practice import merged_model
+
+    peft_model, tok = tiny_lora
+    peft_model = _trained_looking(peft_model)
+    ids = torch.tensor([tok("hello there")["input_ids"]])
+    with torch.no_grad():
+        trained = peft_model(ids).logits
+        ref = merged_model(peft_model, dtype=torch.float64, merge=False)
+        assert any("lora_A" in n for n, _ in ref.named_parameters())  # not merged
+        assert {p.dtype for p in ref.parameters()} == {torch.float64}
+        merged = merged_model(peft_model, dtype=torch.float64)
+        assert {p.dtype for p in merged.parameters()} == {torch.float64}
+        ref_logits, merged_logits = ref(ids).logits, merged(ids).logits
+    # float64 reference vs the fp32 trained model: fp32 rounding of logits ~1 (1e-6 ulps, 1e-4 bounds it); float64
+    # merge vs float64 unmerged: 1e-12 rounding, 1e-9 bounds it; a missing or wrong merge moves logits by ~1e-2+
+    assert (ref_logits - trained.double()).abs().max().item() < 1e-4
+    assert (merged_logits - ref_logits).abs().max().item() < 1e-9
+    with torch.no_grad(), ref.disable_adapter():
+        effect = (ref(ids).logits - ref_logits).abs().max().item()
+    assert effect > 1e-3, effect  # the adapter matters, so an unmerged-vs-merged mix-up would show
+
+
+def test_merged_model_runs_its_own_weights_after_trl_patched_the_forward(tiny_lora):
+    """TRL's SFTTrainer patches the trained model's forward with a closure over the original (add_fused_lm_head); a
+    deepcopy kept calling the original model, so the merged copy matched the trained model whatever its weights."""
+    import copy
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    from lora_course.practice import merged_model
+
+    peft_model, tok = tiny_lora
+    peft_model = _trained_looking(peft_model)
+    add_fused_lm_head(peft_model.base_model.model)  # what SFTTrainer does to the model it trains
+    ids = torch.tensor([tok("hello there")["input_ids"]])
+    with torch.no_grad():
+        trained = peft_model(ids).logits
+        naive = copy.deepcopy(peft_model).merge_and_unload()  # the pitfall, reproduced
+        for p in naive.parameters():
+            p.zero_()
+        assert torch.equal(naive(ids).logits, trained)  # zeroed weights, same logits: the original ran
+        merged = merged_model(peft_model)
+        assert (merged(ids).logits - trained).abs().max().item() < 1e-4  # fp32 rounding of the merge only
+        for p in merged.parameters():
+            p.zero_()
+        assert not torch.equal(merged(ids).logits, trained)  # its own (now zero) weights computed it
+        assert torch.equal(peft_model(ids).logits, trained)  # and the trained model is untouched

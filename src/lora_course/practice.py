@@ -284,7 +284,23 @@ def dequantized_weights(model: Any, dtype: Any = None) -> dict[str, Any]:
     return out
 
 
-def merged_model(peft_model: Any, profile: str = "auto", model_id: str | None = None, dtype: Any = None) -> Any:
+def _own_forward(model: Any) -> Any:
+    """``model`` with every instance-level ``forward`` removed, so each module runs its class's own.
+
+    TRL's ``SFTTrainer`` (1.15, ``trainer.utils.add_fused_lm_head``) replaces the trained model's ``forward`` with a
+    wrapper that closes over the *original* bound ``forward``. ``copy.deepcopy`` copies the attribute but not the
+    closure, so the copy's forward keeps running the original model, its own weights unused: a merged copy then
+    "matches" the trained model exactly, whatever its weights (notebook 13 measured 0.0 that way; a test reproduces
+    it). The wrapper only adds a fused loss for training; the class's forward computes the same logits.
+    """
+    for module in model.modules():
+        if "forward" in vars(module):
+            del module.forward
+    return model
+
+
+def merged_model(peft_model: Any, profile: str = "auto", model_id: str | None = None, dtype: Any = None,
+                 merge: bool = True) -> Any:
     """A plain transformers model computing what the trained ``peft_model`` computes, its LoRA update merged in.
 
     A 16-bit (or fp32) base merges as peft does, W + sBA. A QLoRA model (bitsandbytes 4-bit layers) merges into the
@@ -294,7 +310,11 @@ def merged_model(peft_model: Any, profile: str = "auto", model_id: str | None = 
     on the 4-bit model itself re-quantizes and loses most of the update. ``profile``/``model_id`` name the base the
     QLoRA model was loaded from (``models.resolve_source``). ``peft_model`` itself is left as trained, adapter
     included (``merge_and_unload`` on it would strip its LoRA layers, and a later ``save_pretrained`` would write
-    an empty adapter): a 16-bit model is merged on a copy.
+    an empty adapter): a 16-bit model is merged on a copy (cast to ``dtype`` when one is given).
+
+    ``merge=False`` returns the same model with the adapter kept unmerged (a peft model): the trained function
+    computed in ``dtype``, the reference a merged model is compared with when training ran in 16-bit (notebook 13:
+    the trained bf16 model differs from it by bf16 rounding, the fp32 merge by fp32 rounding only).
     """
     import copy
     import tempfile
@@ -309,7 +329,10 @@ def merged_model(peft_model: Any, profile: str = "auto", model_id: str | None = 
         raise TypeError(f"{type(peft_model).__name__} has no adapter to merge: pass the peft model you trained "
                         "(get_peft_model / PeftModel.from_pretrained)")
     if not any(isinstance(m, bnb.nn.Linear4bit) for m in peft_model.modules()):
-        return copy.deepcopy(peft_model).merge_and_unload().eval()
+        twin = _own_forward(copy.deepcopy(peft_model))
+        if dtype is not None:
+            twin = twin.to(dtype)
+        return (twin.merge_and_unload() if merge else twin).eval()
     deq = dequantized_weights(peft_model, dtype or torch.float32)
     base, _ = load_base(profile, model_id, dtype=dtype or torch.float32,
                         device=str(next(peft_model.parameters()).device))
@@ -318,7 +341,8 @@ def merged_model(peft_model: Any, profile: str = "auto", model_id: str | None = 
             base.get_submodule(name).weight.copy_(w)
     with tempfile.TemporaryDirectory(prefix="qlora-merge-") as folder:
         peft_model.save_pretrained(folder)  # the adapter as shipped: weights and config, nothing of the 4-bit base
-        merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+        twin = PeftModel.from_pretrained(base, folder)
+        merged = twin.merge_and_unload() if merge else twin
     merged.eval()
     return merged
 
