@@ -419,6 +419,8 @@ def test_lane_in_groups_ends_as_one_report_and_runs_solo_notebooks_last_with_eve
     assert [(r["notebook"], r["status"]) for r in doc["notebooks"]] == [
         ("00_a.ipynb", "ok"), ("05_b.ipynb", "FAILED"), ("08_c.ipynb", "ok"), ("09_d.ipynb", "ok")]
     assert doc["notebooks"][0]["metrics"] == {"m": 1} and doc["passed"] == 3
+    # every row says which run produced it (a lane's groups run at different times)
+    assert all(r["ran"].endswith(" on H200") and r["ran"][:4].isdigit() for r in doc["notebooks"]), doc["notebooks"]
     # 05 run again and passing: the lane passes as a whole
     monkeypatch.setattr(gpu_lane, "run_notebook", lambda nb, out, params, environ: NotebookRun(nb.name, True, 1.0))
     assert gpu_lane.main([*common, str(nbs["05_b"])]) == 0
@@ -428,6 +430,26 @@ def test_lane_in_groups_ends_as_one_report_and_runs_solo_notebooks_last_with_eve
     assert [r["notebook"] for r in doc["notebooks"]] == ["00_a.ipynb"] and doc["profile"] == "colab"
     with pytest.raises(SystemExit):
         gpu_lane.main([*common, "--workers", "0", str(nbs["00_a"])])
+
+
+def test_rows_of_a_report_written_before_rows_had_a_date_get_that_reports_date(tmp_path):
+    """previous_runs: a row with no ``ran`` of its own was produced no later than the report it was read from."""
+    from lora_course.gpu_lane import previous_runs
+    from lora_course.readme import _lane_row
+
+    lane = {"profile": "gpu", "emulate": None, "model_id": "/m"}
+    doc = {**lane, "date": "2026-12-06 21:07", "device": "NVIDIA H100",
+           "notebooks": [{"notebook": "00_a.ipynb", "status": "ok", "seconds": 3.0},
+                         {"notebook": "13_b.ipynb", "status": "ok", "seconds": 4.0, "ran": "2026-12-07 06:35 on X"}]}
+    (tmp_path / "gpu-lane.json").write_text(json.dumps(doc))
+    rows = previous_runs(tmp_path, lane)
+    assert [r.ran for r in rows] == ["2026-12-06 21:07 on NVIDIA H100", "2026-12-07 06:35 on X"]
+    # README: the run's date, and its device only where it is not the file's
+    row = {"notebook": "00_a.ipynb", "status": "ok", "seconds": 3.0, "ran": rows[0].ran}
+    assert _lane_row(row, with_ran=True, device="NVIDIA H100") == "| 00_a | ok | 3 | 2026-12-06 21:07 |  |"
+    assert _lane_row({**row, "ran": rows[1].ran}, with_ran=True, device="NVIDIA H100").startswith(
+        "| 00_a | ok | 3 | 2026-12-07 06:35 on X |")
+    assert _lane_row(row) == "| 00_a | ok | 3 |  |"  # the CPU course's table has no such column
 
 
 def test_usable_cpus_follows_the_affinity_mask(monkeypatch):

@@ -30,6 +30,7 @@ class NotebookRun:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     skipped: str = ""  # why it did not run (e.g. the GPU lane on a machine with too few GPUs); "" when it ran
+    ran: str = ""  # when and where this row was produced, where a report merges rows of several runs (the GPU lane)
 
 
 def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None,

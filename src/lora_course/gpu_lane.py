@@ -135,8 +135,11 @@ def previous_runs(out: Path, lane: dict[str, Any]) -> list[NotebookRun]:
         return []  # a report cut short is replaced, never merged
     if any(doc.get(k) != lane.get(k) for k in LANE_KEYS):
         return []
+    # a row written before rows carried their own run: the earlier report's date and device, the latest it can be
+    since = f"{doc.get('date', '?')} on {doc.get('device', '?')}"
     return [NotebookRun(r["notebook"], r["status"] != "FAILED", float(r["seconds"]), r.get("metrics", {}),
-                        r.get("error", ""), r.get("skipped", "")) for r in doc.get("notebooks", [])]
+                        r.get("error", ""), r.get("skipped", ""), r.get("ran") or since)
+            for r in doc.get("notebooks", [])]
 
 
 def merge_runs(earlier: list[NotebookRun], runs: list[NotebookRun]) -> list[NotebookRun]:
@@ -212,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 "UNSLOTH_COMPILE_LOCATION", str((a.out / "unsloth_compiled_cache" / nb.stem).resolve()))}
             r = run_notebook(nb, a.out, params, extra)  # and the lane's environment
             print(f"{'ok    ' if r.ok else 'FAILED'} {r.notebook:40s} {r.seconds:6.0f} s  {r.error}", flush=True)
+        r.ran = f"{lane['date']} on {lane['device']}"  # rows of earlier runs merged into this report keep their own
         with lock:  # workers finish in any order: one report write at a time
             runs.append(r)
             write_lane_report(merge_runs(earlier, runs), a.out, lane)

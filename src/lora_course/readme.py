@@ -68,11 +68,16 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
     "13_capstone": lambda m: (
         f"{m['cleaned_kept']} examples kept ({m['cleaned_duplicates']} duplicates); held-out loss "
         f"{m['eval_loss_start']:.2f} -> {m['eval_loss_end']:.2f}; task metrics {m['task_metric_mean_before']:.2f} -> "
-        f"{m['task_metric_mean_after']:.2f}; served {m['served_in_format']}/3 in format"),
+        f"{m['task_metric_mean_after']:.2f}; served {m['served_in_format']}/3 in format"
+        + (f"; merge vs unmerged (fp32) {m['merge_max_logit_diff']:.0e} logits, the trained model's own "
+           f"precision {m['precision_max_logit_diff']:.2g}" if "precision_max_logit_diff" in m else "")
+        + (f"; Unsloth merged_16bit into {m['unsloth_merged_16bit_base']}, KL "
+           f"{m['unsloth_merged_16bit_mean_kl']:.2f} from the trained function" if "unsloth_merged_16bit_base" in m
+           else "")),
 }
 
 
-def _lane_row(row: dict[str, Any]) -> str:
+def _lane_row(row: dict[str, Any], with_ran: bool = False, device: str = "") -> str:
     stem = row["notebook"].removesuffix(".ipynb")
     try:
         shown = LANE_METRICS[stem](row.get("metrics", {})) if stem in LANE_METRICS else ""
@@ -81,7 +86,9 @@ def _lane_row(row: dict[str, Any]) -> str:
     status = f"SKIPPED ({row['skipped']})" if row.get("skipped") else row["status"]
     if row.get("error"):
         shown = (shown + "; " if shown else "") + row["error"].replace("|", "/")[:160]
-    return f"| {stem} | {status} | {row['seconds']:.0f} | {shown} |"
+    ran = (row.get("ran") or "-").removesuffix(f" on {device}")  # the device only where it is not the file's
+    ran = f" {ran} |" if with_ran else ""
+    return f"| {stem} | {status} | {row['seconds']:.0f} |{ran} {shown} |"
 
 
 def render_gpu_lanes(root: Path = ROOT) -> str:
@@ -97,8 +104,9 @@ def render_gpu_lanes(root: Path = ROOT) -> str:
                 f"{doc['dtype']}, {'pretrained' if doc['pretrained'] else 'random-init'} model "
                 f"`{Path(doc['model_id']).name}` ({doc['date']}; [{f.name}](results/{f.name})): "
                 f"{doc['passed']} ok, {doc['failed']} failed, {doc['skipped']} skipped")
-        out += [what, "", "| notebook | status | s | measured |", "|---|---|---|---|"]
-        out += [_lane_row(r) for r in doc["notebooks"]]
+        # ran: when and where each row was produced (a lane runs in groups; gpu_lane merges the groups' rows)
+        out += [what, "", "| notebook | status | s | ran | measured |", "|---|---|---|---|---|"]
+        out += [_lane_row(r, with_ran=True, device=doc["device"]) for r in doc["notebooks"]]
         # a notebook of the course with no row in this lane's file did not finish there: say so, never leave it out
         ran = {r["notebook"] for r in doc["notebooks"]}
         missing = sorted(nb.name for nb in (root / "notebooks").glob("[0-9][0-9]_*.ipynb") if nb.name not in ran)
