@@ -51,8 +51,10 @@ pin1= pin2=
 if [ -z "${SEQ:-}" ] && [ "${PIN:-1}" = 1 ] && command -v taskset >/dev/null; then
   n=$(nproc); h=$(( n / 2 )); [ "$h" -ge 1 ] && { pin1="taskset -c 0-$(( h - 1 ))"; pin2="taskset -c $h-$(( n - 1 ))"; }
 fi
-run_bf16() { LORA_COURSE_CACHE=/tmp/lcc-bf16 timeout $T $pin1 python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
-run_t4() { LORA_COURSE_CACHE=/tmp/lcc-t4 timeout $T $pin2 python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }
+run_bf16() { LORA_COURSE_CACHE=/tmp/lcc-bf16 timeout $T $pin1 python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $PARAMS $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
+run_t4() { LORA_COURSE_CACHE=/tmp/lcc-t4 timeout $T $pin2 python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $PARAMS $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }
+# PARAMS: notebook parameters for both lanes, e.g. PARAMS="--param WORKERS=4" (notebook 09's runs side by side).
+PARAMS=${PARAMS:-}
 # LANES: which lanes run (default both), e.g. LANES=t4 to re-run one lane's failed notebook.
 LANES=${LANES:-bf16 t4}
 if [ -n "${SEQ:-}" ]; then for l in $LANES; do run_$l; done; else for l in $LANES; do run_$l & done; wait; fi

@@ -75,6 +75,28 @@ def test_gpu_lane_gives_multi_process_notebooks_one_process_per_gpu():
     assert lane_parameters(nb00, "gpu", "m", 1) == {"PROFILE": "gpu", "MODEL_ID": "m"}
 
 
+def test_gpu_lane_param_reaches_only_the_notebooks_that_declare_it():
+    """``--param WORKERS=4`` sets notebook 09's runs side by side; notebook 00 has no WORKERS parameter and gets none;
+    values read as JSON, a malformed one is refused with the form to use."""
+    from pathlib import Path
+
+    import pytest
+
+    from lora_course.gpu_lane import lane_parameters, parse_param
+
+    nbs = Path(__file__).parents[1] / "notebooks"
+    extra = dict([parse_param("WORKERS=4"), parse_param("LIVE_SEEDS=[0]")])
+    assert extra == {"WORKERS": 4, "LIVE_SEEDS": [0]}
+    assert parse_param("BACKEND=unsloth") == ("BACKEND", "unsloth")
+    assert lane_parameters(nbs / "09_experiments.ipynb", "gpu", "m", 1, extra) == {
+        "PROFILE": "gpu", "MODEL_ID": "m", "WORKERS": 4, "LIVE_SEEDS": [0]}
+    assert lane_parameters(nbs / "00_setup_and_first_model.ipynb", "gpu", "m", 1, extra) == {
+        "PROFILE": "gpu", "MODEL_ID": "m"}
+    for bad in ("WORKERS", "4=WORKERS", "=4"):
+        with pytest.raises(ValueError, match="NAME=VALUE"):
+            parse_param(bad)
+
+
 def test_write_text_atomic_leaves_the_old_file_whole_when_writing_fails(tmp_path, monkeypatch):
     """The one atomic write every results/cache/report file goes through: a failure mid-write keeps the previous
     content and leaves no temporary file behind."""

@@ -317,3 +317,46 @@ def test_budget_passes_follow_the_longest_row():
     assert bench.budget_passes([300] * 4, 0) == 1
     with pytest.raises(ValueError, match="positive lengths"):
         bench.budget_passes([], 10)
+
+
+def test_unsloth_fused_layers_reads_what_get_peft_model_patched(tiny_dir):
+    """A peft model that Unsloth never touched has no fused layer; one whose layers carry Unsloth's kernel functions
+    (installed as its ``get_peft_model`` does: ``apply_qkv``/``apply_o`` on the attention, a bound ``forward`` or a
+    tiled ``_unsloth_forward`` on the MLP) counts each kind per layer; a module without decoder layers is refused."""
+    import functools
+    import types
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_course.sft import unsloth_fused_layers
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"]))
+    layers = model.get_base_model().model.layers
+    assert unsloth_fused_layers(model) == {"layers": len(layers), "qkv": 0, "o": 0, "mlp": 0}
+
+    def apply_lora_qkv(self, X):  # the names Unsloth's kernels carry (unsloth.kernels.fast_lora)
+        return X
+
+    def apply_lora_o(self, X):
+        return X
+
+    def apply_lora_mlp_swiglu(self, X):
+        return X
+
+    def original_apply_qkv(self, X):  # what an unfused layer keeps
+        return X
+
+    for i, layer in enumerate(layers):
+        layer.self_attn.apply_qkv = apply_lora_qkv if i else original_apply_qkv   # layer 0 left unfused
+        layer.self_attn.apply_o = apply_lora_o
+        if i % 2:
+            layer.mlp.forward = types.MethodType(apply_lora_mlp_swiglu, layer.mlp)
+        else:
+            layer.mlp._unsloth_forward = functools.partial(apply_lora_mlp_swiglu, inplace=False)
+    n = len(layers)
+    assert unsloth_fused_layers(model) == {"layers": n, "qkv": n - 1, "o": n, "mlp": n}
+    with pytest.raises(ValueError, match="no .model.layers"):
+        unsloth_fused_layers(__import__("torch").nn.Linear(2, 2))

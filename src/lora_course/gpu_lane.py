@@ -60,10 +60,25 @@ def check_model_dir(model_id: str | Path) -> Path:
     return path.resolve()
 
 
-def lane_parameters(notebook: str | Path, profile: str, model_id: str, gpus: int) -> dict[str, object] | str:
-    """What the lane passes to ``notebook``, or why it skips it: multi-process notebooks get one process per GPU."""
+def parse_param(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` of ``--param``: the value read as JSON (numbers, true/false, lists), else kept as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise ValueError(f"--param {text!r}: write NAME=VALUE with a notebook parameter's name, e.g. WORKERS=4")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def lane_parameters(notebook: str | Path, profile: str, model_id: str, gpus: int,
+                    extra: dict[str, object] | None = None) -> dict[str, object] | str:
+    """What the lane passes to ``notebook``, or why it skips it: multi-process notebooks get one process per GPU;
+    each of ``extra`` (``--param``) goes to the notebooks whose parameters cell names it, and to no other."""
     params: dict[str, object] = {"PROFILE": profile, "MODEL_ID": model_id}
-    if "NUM_PROCESSES" in parameter_names(notebook):
+    names = parameter_names(notebook)
+    params.update({k: v for k, v in (extra or {}).items() if k in names})
+    if "NUM_PROCESSES" in names:
         if gpus < 2:
             return f"needs 2 or more GPUs (one process per GPU), this machine has {gpus}"
         params["NUM_PROCESSES"] = gpus
@@ -180,7 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--solo", action="append", type=Path, default=[],
                    help="a notebook run after the others, alone with every core (e.g. 08: llama.cpp's CPU speed); "
                         "repeat for more")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a notebook parameter for the notebooks that have it (e.g. WORKERS=4: notebook 09's runs side "
+                        "by side); repeat for more")
     a = p.parse_args(argv)
+    try:
+        nb_params = dict(parse_param(t) for t in a.param)
+    except ValueError as e:
+        p.error(str(e))
     if a.workers < 1:
         p.error(f"--workers {a.workers}: give 1 or more")
     import torch
@@ -204,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, usable_cpus() // a.workers))
 
     def run(nb: Path, omp: str) -> NotebookRun:
-        params = lane_parameters(nb, a.profile, model_id, lane["gpus"])
+        params = lane_parameters(nb, a.profile, model_id, lane["gpus"], nb_params)
         if isinstance(params, str):
             r = NotebookRun(nb.name, True, 0.0, skipped=params)  # reported as SKIPPED, never as ok
             print(f"SKIPPED {r.notebook:39s} {params}", flush=True)

@@ -378,6 +378,42 @@ def unsloth_token_budget(tokens: int) -> Iterator[None]:
             os.environ[UNSLOTH_TOKEN_BUDGET_ENV] = before
 
 
+UNSLOTH_FUSED_KERNELS = {"qkv": "apply_lora_qkv", "o": "apply_lora_o", "mlp": "apply_lora_mlp"}
+"""The functions Unsloth's ``get_peft_model`` installs on a decoder layer when it can fuse its LoRA
+(unsloth.kernels.fast_lora: the base matmul and the LoRA branch of q/k/v, o, and the gate/up/down MLP in one autograd
+function each, with a hand-written backward); a layer it cannot fuse keeps the generic path (``original_apply_qkv``,
+peft's forward)."""
+
+
+def unsloth_fused_layers(model: Any) -> dict[str, int]:
+    """How many decoder layers of ``model`` run each of Unsloth's fused LoRA kernels: ``{"layers", "qkv", "o", "mlp"}``.
+
+    Unsloth's ``FastLanguageModel.get_peft_model`` fuses a layer only when ``lora_dropout == 0`` and
+    ``bias == "none"`` (and the base has no bias and no DoRA magnitude): the fused function computes ``X W`` and ``X A``
+    from the same ``X``, which dropout on the LoRA branch would replace by a masked copy, and its backward has no bias
+    gradients. It names what it patched by replacing ``self_attn.apply_qkv`` / ``apply_o`` and ``mlp.forward`` (or,
+    with a tiled MLP, ``mlp._unsloth_forward``); this reads those names back. On a model that Unsloth never touched,
+    every count is 0.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", base), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(base).__name__} has no .model.layers: unsloth_fused_layers reads decoder layers of a "
+                         "causal LM (LlamaForCausalLM and alike)")
+
+    def name(fn: Any) -> str:
+        return getattr(fn, "__name__", "") or getattr(getattr(fn, "func", None), "__name__", "")  # partial: its func
+
+    counts = {"layers": len(layers), "qkv": 0, "o": 0, "mlp": 0}
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        counts["qkv"] += name(getattr(attn, "apply_qkv", None)) == UNSLOTH_FUSED_KERNELS["qkv"]
+        counts["o"] += name(getattr(attn, "apply_o", None)) == UNSLOTH_FUSED_KERNELS["o"]
+        mlp_fn = getattr(mlp, "_unsloth_forward", None) or getattr(mlp, "forward", None)
+        counts["mlp"] += name(mlp_fn).startswith(UNSLOTH_FUSED_KERNELS["mlp"])
+    return counts
+
+
 def fused_loss_available() -> bool:
     """Whether TRL's fused LM-head loss can run: it is a Triton kernel, and Triton ships with CUDA builds of torch."""
     import importlib.util
@@ -439,4 +475,4 @@ def _fp16_ready(trainer: Any, quiet: bool) -> Any:
 
 __all__ = ["BACKENDS", "BATCHING", "BackendChoice", "BackendUnavailableError", "Hardware", "SFTRecipe",
            "build_recipe", "choose_backend", "detect_hardware", "fused_loss_available", "hardware_for_profile",
-           "import_unsloth", "load_for_sft", "make_trainer", "unsloth_token_budget"]
+           "import_unsloth", "load_for_sft", "make_trainer", "unsloth_fused_layers", "unsloth_token_budget"]
