@@ -60,3 +60,13 @@ def test_a_notebook_missing_from_a_lane_file_is_named(tmp_path):
     (tmp_path / "results" / "gpu-lane-real-x.json").write_text(json.dumps(doc))
     text = readme.render_gpu_lanes(tmp_path)
     assert "Not in this run (no finished result in the file): `01_b.ipynb`" in text and "`00_a.ipynb`" not in text
+
+
+def test_06_lane_figure_shows_the_fused_path_where_the_lane_measured_it():
+    from lora_course import readme
+
+    fmt = readme.LANE_METRICS["06_unsloth_fast_sft"]
+    base = {"ppl_before": 210.0, "ppl_after": 13.96}
+    assert fmt(base) == "answer perplexity 210 -> 14.0"
+    gpu = fmt({**base, "unsloth_step_ms_dropout_0": 41.2, "unsloth_step_ms_dropout_005": 55.9})
+    assert gpu.endswith("; Unsloth step at lora_dropout 0 / 0.05: 41 / 56 ms"), gpu

@@ -360,3 +360,26 @@ def test_unsloth_fused_layers_reads_what_get_peft_model_patched(tiny_dir):
     assert unsloth_fused_layers(model) == {"layers": n, "qkv": n - 1, "o": n, "mlp": n}
     with pytest.raises(ValueError, match="no .model.layers"):
         unsloth_fused_layers(__import__("torch").nn.Linear(2, 2))
+
+
+def test_unsloth_fuses_lora_dropout_reads_the_installed_unsloths_flag(monkeypatch):
+    """2026.10's ``FUSED_LORA_DROPOUT`` (on by default) decides whether a ``lora_dropout > 0`` model is fused; a version
+    without the flag never fused one; without Unsloth imported the call says how to get it."""
+    import sys
+    import types
+
+    from lora_course.sft import BackendUnavailableError, unsloth_fuses_lora_dropout
+
+    monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+    with pytest.raises(BackendUnavailableError, match="import_unsloth"):
+        unsloth_fuses_lora_dropout()
+    fast_lora = types.ModuleType("unsloth.kernels.fast_lora")
+    for name, mod in (("unsloth", types.ModuleType("unsloth")),
+                      ("unsloth.kernels", types.ModuleType("unsloth.kernels")),
+                      ("unsloth.kernels.fast_lora", fast_lora)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    assert unsloth_fuses_lora_dropout() is False          # 2026.8 and before: no flag
+    fast_lora.FUSED_LORA_DROPOUT = True                   # 2026.10, UNSLOTH_FUSED_LORA_DROPOUT unset
+    assert unsloth_fuses_lora_dropout() is True
+    fast_lora.FUSED_LORA_DROPOUT = False                  # UNSLOTH_FUSED_LORA_DROPOUT=0
+    assert unsloth_fuses_lora_dropout() is False

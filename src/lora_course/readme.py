@@ -29,7 +29,10 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
     "05_sft_with_trl": lambda m: (f"creative form {m['sft_creative_primary_before']:.2f} -> "
                                   f"{m['sft_creative_primary_after']:.2f}; answer perplexity {m['sft_ppl_before']:.0f}"
                                   f" -> {m['sft_ppl_after']:.1f}"),
-    "06_unsloth_fast_sft": lambda m: f"answer perplexity {m['ppl_before']:.0f} -> {m['ppl_after']:.1f}",
+    "06_unsloth_fast_sft": lambda m: f"answer perplexity {m['ppl_before']:.0f} -> {m['ppl_after']:.1f}" + (
+        f"; Unsloth step at lora_dropout 0 / 0.05: {m['unsloth_step_ms_dropout_0']:.0f} / "
+        f"{m['unsloth_step_ms_dropout_005']:.0f} ms"
+        if "unsloth_step_ms_dropout_0" in m else ""),
     "07_multi_adapter_hot_swap": lambda m: (f"creative form: creative adapter {m['matrix_creative_creative_form']:.2f}"
                                             f", base {m['matrix___base___creative_form']:.2f}"),
     "08_merge_and_export": lambda m: (f"Q8_0 KL {m['q8_0_mean_kl']:.4f}, decisive {m['q8_0_decisive_share']:.2f}; "

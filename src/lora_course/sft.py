@@ -388,12 +388,11 @@ peft's forward)."""
 def unsloth_fused_layers(model: Any) -> dict[str, int]:
     """How many decoder layers of ``model`` run each of Unsloth's fused LoRA kernels: ``{"layers", "qkv", "o", "mlp"}``.
 
-    Unsloth's ``FastLanguageModel.get_peft_model`` fuses a layer only when ``lora_dropout == 0`` and
-    ``bias == "none"`` (and the base has no bias and no DoRA magnitude): the fused function computes ``X W`` and ``X A``
-    from the same ``X``, which dropout on the LoRA branch would replace by a masked copy, and its backward has no bias
-    gradients. It names what it patched by replacing ``self_attn.apply_qkv`` / ``apply_o`` and ``mlp.forward`` (or,
-    with a tiled MLP, ``mlp._unsloth_forward``); this reads those names back. On a model that Unsloth never touched,
-    every count is 0.
+    Unsloth's ``FastLanguageModel.get_peft_model`` fuses a layer's LoRA only on a 16-bit (or 4-bit) base without a
+    bias or DoRA magnitude; up to 2026.8 also only when ``lora_dropout == 0`` and ``bias == "none"`` (its docs' "fast
+    path"); 2026.10 applies dropout and a LoRA bias inside the fused kernels (``unsloth_fuses_lora_dropout``). It names
+    what it patched by replacing ``self_attn.apply_qkv`` / ``apply_o`` and ``mlp.forward`` (or, with a tiled MLP,
+    ``mlp._unsloth_forward``); this reads those names back. On a model that Unsloth never touched, every count is 0.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", base), "layers", None)
@@ -412,6 +411,25 @@ def unsloth_fused_layers(model: Any) -> dict[str, int]:
         mlp_fn = getattr(mlp, "_unsloth_forward", None) or getattr(mlp, "forward", None)
         counts["mlp"] += name(mlp_fn).startswith(UNSLOTH_FUSED_KERNELS["mlp"])
     return counts
+
+
+def unsloth_fuses_lora_dropout() -> bool:
+    """Whether the imported Unsloth runs ``lora_dropout > 0`` inside its fused kernels.
+
+    Unsloth 2026.10 does, unless ``UNSLOTH_FUSED_LORA_DROPOUT=0`` (``unsloth.kernels.fast_lora.FUSED_LORA_DROPOUT``,
+    read once at import); versions without that flag (2026.8 and before) leave every layer of a ``lora_dropout > 0``
+    model on peft's generic forward, with the warning "Dropout = 0 is supported for fast patching". Raises where
+    Unsloth was not imported (``import_unsloth`` first, on a CUDA machine).
+    """
+    import sys
+
+    if "unsloth" not in sys.modules:
+        raise BackendUnavailableError("unsloth is not imported: call lora_course.sft.import_unsloth() first "
+                                      "(it needs a CUDA GPU)")
+    import importlib
+
+    fast_lora = importlib.import_module("unsloth.kernels.fast_lora")
+    return bool(getattr(fast_lora, "FUSED_LORA_DROPOUT", False))
 
 
 def fused_loss_available() -> bool:
@@ -475,4 +493,5 @@ def _fp16_ready(trainer: Any, quiet: bool) -> Any:
 
 __all__ = ["BACKENDS", "BATCHING", "BackendChoice", "BackendUnavailableError", "Hardware", "SFTRecipe",
            "build_recipe", "choose_backend", "detect_hardware", "fused_loss_available", "hardware_for_profile",
-           "import_unsloth", "load_for_sft", "make_trainer", "unsloth_fused_layers", "unsloth_token_budget"]
+           "import_unsloth", "load_for_sft", "make_trainer", "unsloth_fused_layers", "unsloth_fuses_lora_dropout",
+           "unsloth_token_budget"]
