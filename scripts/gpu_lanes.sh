@@ -15,7 +15,9 @@
 #   no carry:       W=3 OMP=4 bash scripts/gpu_lanes.sh B 450 "<00-05 10>" "<same>"
 #   no carry:       OMP=8 bash scripts/gpu_lanes.sh C 300 "notebooks/08_merge_and_export.ipynb" "<same>" "" tests
 # Measured on one H100 on 2026-12-06: setup (join + model build) 47 s; call A 525 s (09 ~460 s is the longest); call B
-# 00-05 in ~300 s. Each lane side by side on its own half of the CPUs (below).
+# 00-05 in ~300 s. Each lane side by side on its own half of the CPUs (below). On 2026-12-07 (one H100) 09's 40-run grid
+# finished in both lanes side by side with 06 in 418 s with PARAMS="--param WORKERS=4" W=2 OMP=2 PIN=0 (2 workers, its
+# default, had reached 22 of 40 runs in 540 s).
 # Arguments: TAG TIMEOUT(per lane, s) "bf16 lane notebooks" "T4 lane notebooks" [SOLO notebook numbers] [tests]
 # (a lane not in LANES ignores its notebook list)
 # Output: $OUT/lanes-TAG.tgz (both lanes' gpu-lane.json/.md, logs, executed notebooks); copy each gpu-lane.json to
