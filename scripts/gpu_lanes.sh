@@ -61,5 +61,9 @@ PARAMS=${PARAMS:-}
 LANES=${LANES:-bf16 t4}
 if [ -n "${SEQ:-}" ]; then for l in $LANES; do run_$l; done; else for l in $LANES; do run_$l & done; wait; fi
 for l in $LANES; do echo "== $l"; grep -E '^(ok|FAILED|SKIPPED)|lane report|Error|error' /tmp/lane-$l/run-$TAG.log | tail -30; done
+# Notebook 09's live grid writes its records beside the notebooks (sweep.check_provenance: notebooks/build/
+# experiments-<profile>.json, gpu for bf16, colab for the T4 lane): each lane's file goes back with its report, to be
+# committed as results/experiments-gpu-<lane>.json with the hardware it names.
+for l in $LANES; do p=gpu; [ "$l" = t4 ] && p=colab; cp notebooks/build/experiments-$p.json /tmp/lane-$l/ 2>/dev/null || true; done
 tar -C /tmp --exclude='unsloth_compiled_cache' --exclude='*.gguf' --exclude='*.safetensors' --exclude='*.bin' -czf $OUT/lanes-$TAG.tgz $(for l in $LANES; do echo lane-$l; done)
 ls -la $OUT; echo "total $(( $(date +%s) - t0 )) s"
