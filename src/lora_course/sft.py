@@ -389,8 +389,9 @@ def unsloth_fused_layers(model: Any) -> dict[str, int]:
     """How many decoder layers of ``model`` run each of Unsloth's fused LoRA kernels: ``{"layers", "qkv", "o", "mlp"}``.
 
     Unsloth's ``FastLanguageModel.get_peft_model`` fuses a layer's LoRA only on a 16-bit (or 4-bit) base without a
-    bias or DoRA magnitude; up to 2026.8 also only when ``lora_dropout == 0`` and ``bias == "none"`` (its docs' "fast
-    path"); 2026.10 applies dropout and a LoRA bias inside the fused kernels (``unsloth_fuses_lora_dropout``). It names
+    bias or DoRA magnitude and only with ``bias == "none"``; up to 2026.8 also only when ``lora_dropout == 0`` (with
+    ``bias="none"`` its docs' "fast path"); 2026.10 applies dropout, and peft's ``lora_bias`` on B, inside the fused
+    kernels (``unsloth_fuses_lora_dropout``). It names
     what it patched by replacing ``self_attn.apply_qkv`` / ``apply_o`` and ``mlp.forward`` (or, with a tiled MLP,
     ``mlp._unsloth_forward``); this reads those names back. On a model that Unsloth never touched, every count is 0.
     """
