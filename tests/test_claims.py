@@ -284,3 +284,25 @@ def test_memory_claim_is_judged_against_the_upcast(qlora_mib, upcast_mib, verdic
     claim = claims["Peak memory: full > LoRA > QLoRA"]
     assert claim["verdict"].startswith(verdict)
     assert claim["measured"] == f"full 2697 MiB, LoRA 688 MiB, QLoRA {qlora_mib:.0f} MiB"
+
+
+def test_verdicts_across_machines_agree_and_flag_a_conflict():
+    """verdicts_across: one row per claim with each machine's verdict; ``agree`` when the verdict word is the same
+    everywhere, ``conflict`` when one machine supports what another contradicts (notebook 09 refuses that)."""
+    same = cl.verdicts_across([("a", _methods_recs(), 0.0), ("b", _methods_recs(), 0.0)])
+    assert len(same) == len(cl.check_claims(_methods_recs()))
+    assert all(r["agree"] and not r["conflict"] for r in same)
+    full = "Full fine-tuning gives the best quality"
+    # machine b: full fine-tuning worse than LoRA beyond the noise (contradicted), a: better (supported)
+    rows = {r["claim"]: r for r in cl.verdicts_across([("a", _methods_recs(), 0.0),
+                                                       ("b", _methods_recs(full=1.0 + 2 * THR), 0.0),
+                                                       ("c", _methods_recs(full=1.0 + THR / 2), 0.0)])}
+    assert [rows[full]["verdicts"][m].split(":")[0] for m in "abc"] == ["supported", "contradicted", "inconclusive"]
+    assert rows[full]["conflict"] and not rows[full]["agree"]
+    # inconclusive beside supported is no conflict (each machine's own noise decides)
+    two = {r["claim"]: r for r in cl.verdicts_across([("a", _methods_recs(), 0.0),
+                                                      ("c", _methods_recs(full=1.0 + THR / 2), 0.0)])}
+    assert not two[full]["conflict"] and not two[full]["agree"]
+    table = cl.format_verdicts_across(list(rows.values()))
+    assert table.splitlines()[0].endswith("| a | b | c |")
+    assert f"| {full} | " in table and "| supported | contradicted | inconclusive |" in table

@@ -148,3 +148,56 @@ def test_live_check_compares_the_files_own_records_and_flags_drift(tmp_path, mon
     with pytest.raises(LookupError, match="has no record for"):
         sw.live_check(sw.Results(tmp_path / "r.json", {"records": committed[1:] if len(committed) > 1 else []},
                                  False, []))
+
+
+# ------------------------------------------------------------------------------------- committed grids
+def test_a_file_from_another_stack_is_checked_with_the_versions_it_records(tmp_path):
+    """A grid made on a GPU machine (another torch) is current when this checkout's code, hashed with the library
+    versions the file records, gives its code version; without recorded_stack it reads as stale here."""
+    gpu_stack = {name: "9.9.9" for name in ex.STACK}
+    path = _doc(tmp_path, code_version=ex.code_version(gpu_stack), versions=gpu_stack)
+    assert sw.load_results(path, profile="tiny").stale
+    assert not sw.load_results(path, profile="tiny", recorded_stack=True).stale
+    # recorded versions that this code does not give: stale, with the reason
+    edited = sw.load_results(_doc(tmp_path, code_version=ex.code_version(gpu_stack),
+                                  versions={**gpu_stack, "torch": "9.9.8"}), profile="tiny", recorded_stack=True)
+    assert edited.stale and "code version" in edited.reasons[0]
+    # a file that records no versions cannot be checked this way: stale, naming what is missing
+    bare = sw.load_results(_doc(tmp_path), profile="tiny", recorded_stack=True)
+    assert bare.stale and "no version of torch" in bare.reasons[0]
+
+
+def test_code_version_with_a_stack_hashes_those_versions():
+    from importlib.metadata import version
+
+    installed = {name: version(name) for name in ex.STACK}
+    assert ex.code_version(installed) == ex.code_version()
+    assert ex.code_version({**installed, "peft": "0.0.1"}) != ex.code_version()
+    with pytest.raises(ValueError, match="no version of bitsandbytes"):
+        ex.code_version({k: v for k, v in installed.items() if k != "bitsandbytes"})
+
+
+def test_committed_grids_describe_this_checkout():
+    """The committed grids (CPU, GPU bf16, GPU as a T4) are all there, 40 runs each, each made from the course's
+    cpu model by this code (with its own libraries), and no claim is supported on one and contradicted on another."""
+    from lora_course.claims import verdicts_across
+    from lora_course.memory_estimate import qlora_upcast_bytes
+    from lora_course.shapes import SMOLLM2_135M
+
+    grids = sw.load_committed_grids("cpu")
+    assert [g.file for g, _ in grids] == [g.file for g in sw.COMMITTED_GRIDS]
+    for g, res in grids:
+        assert not res.stale, (g.file, res.reasons)
+        assert len(res.records) == len(ex.full_grid(seeds=[0])), g.file
+    rows = verdicts_across([(g.name, res.records, qlora_upcast_bytes(SMOLLM2_135M, g.compute) / 2**20)
+                            for g, res in grids])
+    assert not [r["claim"] for r in rows if r["conflict"]]
+
+
+def test_committed_grids_skip_missing_files(tmp_path):
+    from importlib.metadata import version
+
+    installed = {name: version(name) for name in ex.STACK}
+    (tmp_path / "experiments.json").write_text(_doc(tmp_path, versions=installed).read_text())
+    grids = sw.load_committed_grids("tiny", root=tmp_path)
+    assert [g.file for g, _ in grids] == ["experiments.json"] and not grids[0][1].stale

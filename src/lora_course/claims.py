@@ -383,3 +383,26 @@ def format_claims(claims: Sequence[dict[str, str]]) -> str:
     out = ["| the references' claim | source | measured here | verdict |", "|---|---|---|---|"]
     out += [f"| {c['claim']} | {c['source']} | {c['measured']} | {c['verdict']} |" for c in claims]
     return "\n".join(out)
+
+
+def verdicts_across(grids: Sequence[tuple[str, Sequence[dict[str, Any]], float]]) -> list[dict[str, Any]]:
+    """The references' claims judged on several grids (``(name, records, upcast_mib)`` each, e.g. the same grid on
+    a CPU and on a GPU): one row per claim with ``verdicts`` by grid name and ``agree`` (the same verdict word
+    everywhere) and ``conflict`` (supported on one grid, contradicted on another)."""
+    judged = [(name, check_claims(records, upcast_mib)) for name, records, upcast_mib in grids]
+    rows = []
+    for i, first in enumerate(judged[0][1] if judged else []):
+        verdicts = {name: claims[i]["verdict"] for name, claims in judged}
+        words = {v.split(":")[0] for v in verdicts.values()}
+        rows.append({"claim": first["claim"], "source": first["source"], "verdicts": verdicts,
+                     "agree": len(words) == 1, "conflict": {"supported", "contradicted"} <= words})
+    return rows
+
+
+def format_verdicts_across(rows: Sequence[dict[str, Any]]) -> str:
+    """``verdicts_across`` as a Markdown table: one column per grid, each verdict's first word."""
+    names = list(rows[0]["verdicts"]) if rows else []
+    out = ["| the references' claim | source | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    out += [f"| {r['claim']} | {r['source']} | " + " | ".join(r["verdicts"][n].split(":")[0] for n in names) + " |"
+            for r in rows]
+    return "\n".join(out)

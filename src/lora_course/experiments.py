@@ -249,11 +249,21 @@ def model_identity(profile: str = "cpu", model_id: str | None = None) -> dict[st
 STACK: tuple[str, ...] = ("torch", "transformers", "peft", "bitsandbytes")  # the libraries a run's numbers depend on
 
 
-def code_version() -> str:
+def code_version(stack: dict[str, str] | None = None) -> str:
     """12 hex digits over everything besides the model that decides a run's result: ``EXPERIMENTS_VERSION``, the
     source of the functions that build, train, measure and evaluate a run, the task data it reads (the files'
-    bytes), and the versions of the libraries that compute it (``STACK``)."""
+    bytes), and the versions of the libraries that compute it (``STACK``).
+
+    ``stack``: library versions to hash instead of the installed ones (a results file's ``versions``), so a file
+    made on another machine (the GPU's torch) can be checked against this checkout's code.
+    """
     from importlib.metadata import version
+
+    if stack is not None:
+        missing = [name for name in STACK if not stack.get(name)]
+        if missing:
+            raise ValueError(f"no version of {', '.join(missing)} in {stack}: a results file records every library of "
+                             f"STACK ({', '.join(STACK)}); re-create it with `make sweep` or notebook 09's live grid")
 
     from .data import SPLITS, TASKS, collate, load_task, tokenize_example
     from .evaluate import evaluate_task, generate, perplexity, score
@@ -268,7 +278,8 @@ def code_version() -> str:
             for t in TASKS for split in SPLITS if (data_dir() / t / f"{split}.jsonl").is_file()}
     blob = json.dumps({"version": EXPERIMENTS_VERSION, "defaults": DEFAULT_LR, "targets": TARGET_SETS,
                        "code": [_sha(inspect.getsource(f).encode()) for f in funcs], "data": data,
-                       "stack": {name: version(name).split("+")[0] for name in STACK}}, sort_keys=True)
+                       "stack": {name: (stack[name] if stack is not None else version(name)).split("+")[0]
+                                 for name in STACK}}, sort_keys=True)
     return _sha(blob.encode())[:12]
 
 

@@ -9,6 +9,7 @@ so a README figure that no longer matches its source fails the tests).
     make test-gpu MODEL_ID=... -> results/gpu-lane-real-*.json  -> block gpu-lanes   (GPU_OUT's gpu-lane.json, copied)
     make course                -> results/course-cpu.json       -> block course-cpu
     make sweep                 -> results/experiments.json      -> block experiments
+    notebook 09 in the GPU lanes -> results/experiments-gpu-*.json -> block experiments-hardware (with the above)
 """
 from __future__ import annotations
 
@@ -173,8 +174,46 @@ def render_experiments(root: Path = ROOT) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_experiments_hardware(root: Path = ROOT) -> str:
+    """The same grid on the CPU and in both GPU lanes (``sweep.COMMITTED_GRIDS``): where and how fast each ran, each
+    method's best held-out loss per machine, and every claim's verdict per machine (``claims.verdicts_across``)."""
+    from .claims import best_rows, measure_noise, study_rows, verdicts_across
+    from .memory_estimate import qlora_upcast_bytes
+    from .shapes import SMOLLM2_135M
+    from .sweep import COMMITTED_GRIDS
+
+    grids = []
+    for g in COMMITTED_GRIDS:
+        doc = json.loads((root / "results" / g.file).read_text(encoding="utf-8"))
+        if not str(doc["model"]["name"]).startswith("SmolLM2-135M"):
+            raise ValueError(f"results/{g.file} is a grid of {doc['model']['name']}, not the course's SmolLM2-135M: "
+                             "re-create it on the course's model (see sweep.COMMITTED_GRIDS for how)")
+        grids.append((g, doc))
+    lines = ["| machine | file | where | runs | wall | noise: held-out loss sd (threshold) |",
+             "|---|---|---|---|---|---|"]
+    for g, doc in grids:
+        m, noise = doc["machine"], measure_noise(doc["records"])
+        where = f"{m['gpu']} ({m['cpu']} host)" if m.get("gpu") else f"{m['cpu']}, {m['cores']} cores"
+        lines.append(f"| {g.name} | [results/{g.file}](results/{g.file}) | {where}, {doc['date'][:10]}, torch "
+                     f"{doc['versions']['torch']} | {len(doc['records'])} | {doc['sweep_seconds'] / 60:.0f} min | "
+                     f"{noise.loss_sd:.4f} ({noise.threshold('loss'):.3f}) |")
+    best = {g.name: {b["method"]: b for b in best_rows(study_rows(doc["records"], "methods"))} for g, doc in grids}
+    lines += ["", "| method: best held-out loss at its rate | " + " | ".join(best) + " |", "|---|" + "---|" * len(best)]
+    lines += [f"| {m} | " + " | ".join(f"{bb[m]['loss']:.3f} at {bb[m]['lr']:g}" for bb in best.values()) + " |"
+              for m in ("full", "lora", "qlora", "dora", "loraplus")]
+    rows = verdicts_across([(g.name, doc["records"], qlora_upcast_bytes(SMOLLM2_135M, g.compute) / 2**20)
+                            for g, doc in grids])
+    lines += ["", "| the references' claim | " + " | ".join(g.name for g, _ in grids) + " |",
+              "|---|" + "---|" * len(grids)]
+    lines += [f"| {r['claim']} | " + " | ".join(v.split(":")[0] for v in r["verdicts"].values()) + " |" for r in rows]
+    lines += ["", (f"{sum(r['agree'] for r in rows)} of {len(rows)} claims get the same verdict on all {len(grids)} "
+                   f"machines; supported on one and contradicted on another: {sum(r['conflict'] for r in rows)}.")]
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {"bench-cpu": render_bench_cpu, "gpu-lanes": render_gpu_lanes,
-                                            "course-cpu": render_course_cpu, "experiments": render_experiments}
+                                            "course-cpu": render_course_cpu, "experiments": render_experiments,
+                                            "experiments-hardware": render_experiments_hardware}
 
 
 def _pattern(name: str) -> re.Pattern[str]:

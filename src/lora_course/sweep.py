@@ -189,14 +189,17 @@ class Results:
         return [r for r in self.records if all(r["config"].get(k) == v for k, v in cfgs.items())]
 
 
-def load_results(path: Path, profile: str = "cpu", model_id: str | None = None) -> Results:
+def load_results(path: Path, profile: str = "cpu", model_id: str | None = None,
+                 recorded_stack: bool = False) -> Results:
     """Read a results file and check it against the current model and code: ``stale`` with the reasons if not.
 
     A file made from another model or another code version must not be plotted as if it described this one.
+    ``recorded_stack``: hash this checkout's code with the library versions the file records rather than the
+    installed ones (a grid run on a GPU machine's torch, read on a CPU): the code must still be this checkout's.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: produce it with `make sweep` (about an hour on 2 cores)")
+        raise FileNotFoundError(f"{path} does not exist: produce it with `make sweep` (85 min on 2 cores)")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
@@ -208,11 +211,50 @@ def load_results(path: Path, profile: str = "cpu", model_id: str | None = None) 
     model = model_identity(profile, model_id)
     if doc.get("model") != model:
         reasons.append(f"made from model {doc.get('model')}, not the current {model}")
-    code = code_version()
-    if doc.get("code_version") != code:
+    if recorded_stack:
+        try:
+            code = code_version(doc.get("versions") or {})
+        except ValueError as err:
+            reasons.append(str(err))
+            code = None
+    else:
+        code = code_version()
+    if code is not None and doc.get("code_version") != code:
         reasons.append(f"made by code version {doc.get('code_version')}, not the current {code} "
                        "(the training, evaluation or experiment code changed since)")
     return Results(path, doc, bool(reasons), reasons)
+
+
+@dataclass(frozen=True)
+class CommittedGrid:
+    """A committed results file of notebook 09's grid and the hardware it ran on."""
+
+    name: str      # a column title
+    file: str      # under results/
+    compute: str   # the dtype the runs computed in (what QLoRA's fp32 embeddings/norms add depends on it)
+    made_by: str   # how to make it again
+
+
+COMMITTED_GRIDS: tuple[CommittedGrid, ...] = (
+    CommittedGrid("CPU fp32", "experiments.json", "float32", "make sweep"),
+    CommittedGrid("GPU bf16", "experiments-gpu-bf16.json", "bfloat16",
+                  "notebook 09, GPU lane bf16: scripts/gpu_lanes.sh"),
+    CommittedGrid("GPU as T4 (fp16)", "experiments-gpu-t4.json", "float16",
+                  "notebook 09, GPU lane as a T4: fp16, scripts/gpu_lanes.sh"),
+)
+"""The same 40-run grid on three machines' numerics. ``make sweep`` is the CPU's (85 min on 2 cores, above the
+course's hour: the GPU lanes run the grid in ~7 min each, live inside notebook 09, and their files come back with
+the lane's report). The GPU files are checked against this checkout with the library versions they record."""
+
+
+def load_committed_grids(profile: str = "cpu", model_id: str | None = None,
+                         root: Path | None = None) -> list[tuple[CommittedGrid, Results]]:
+    """Every committed grid of ``COMMITTED_GRIDS`` that exists, read and checked (``Results.stale``) against the
+    profile's model and this checkout's code, hashed with the library versions each file records (so the CPU's file
+    still reads as current on the GPU machine, and the GPU's on a CPU)."""
+    root = Path(root) if root else default_results_path().parent
+    return [(g, load_results(root / g.file, profile, model_id, recorded_stack=True))
+            for g in COMMITTED_GRIDS if (root / g.file).is_file()]
 
 
 
@@ -288,7 +330,7 @@ def provenance_lines(results: Results) -> list[str]:
     if results.stale:
         lines += ["", "STALE - these results do not describe this checkout, so nothing below is drawn from them:",
                   *(f"  - {reason}" for reason in results.reasons),
-                  "Re-create them with `make sweep` (about an hour on 2 cores; unchanged runs come from the cache)."]
+                  "Re-create them with `make sweep` (85 min on 2 cores; unchanged runs come from the cache)."]
     lines.append("reproduce: make sweep   "
                  "(python -m lora_course.experiments --workers 2 --out results/experiments.json)")
     return lines
