@@ -116,7 +116,8 @@ site-check: site
 # Notebook 09: the experiment grid (rank, target modules, memory vs quality, LoRA's variants; 3 seeds) on the cpu model.
 # 85 min on 2 cores (measured: results/experiments.json sweep_seconds): run it in the background
 # (`make sweep > sweep.log 2>&1 &`). Each run's record is cached, so an interrupted sweep resumes and an unchanged run
-# is never repeated; notebook 09 reads results/experiments.json.
+# is never repeated; notebook 09 reads results/experiments.json. The same grid on a GPU takes ~7 min a lane: notebook 09
+# runs it live in the GPU profiles (scripts/gpu_lanes.sh brings the files back: results/experiments-gpu-*.json).
 sweep: setup
 	$(PY) -m lora_course.models --profile cpu
 	$(PY) -m lora_course.experiments --workers $(NB_WORKERS) --out results/experiments.json

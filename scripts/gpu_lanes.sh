@@ -10,6 +10,8 @@
 # first call, so later calls carry only what they add (64 MiB a call):
 #   carry .gpu:     mkdir -p /tmp/site && tar -C /tmp/site -xzf .gpu/site312.tgz && tar -C /tmp -xzf .gpu/llama-extra.tgz \
 #                   && touch /tmp/site/.done
+#                   (add .gpu-q, from scripts/gpu_unsloth_gguf_bundle.sh, to the call that runs notebook 13: Unsloth's
+#                   save_pretrained_gguf then finds llama.cpp offline, below)
 #   carry .gpu-m1:  bash scripts/gpu_stage_model.sh put .gpu-m1
 #   carry .gpu-m2:  bash scripts/gpu_stage_model.sh put .gpu-m2 && W=5 OMP=2 bash scripts/gpu_lanes.sh A 520 "<06 07 09 11 12>" "<same>"
 #   no carry:       W=3 OMP=4 bash scripts/gpu_lanes.sh B 450 "<00-05 10>" "<same>"
@@ -53,8 +55,18 @@ pin1= pin2=
 if [ -z "${SEQ:-}" ] && [ "${PIN:-1}" = 1 ] && command -v taskset >/dev/null; then
   n=$(nproc); h=$(( n / 2 )); [ "$h" -ge 1 ] && { pin1="taskset -c 0-$(( h - 1 ))"; pin2="taskset -c $h-$(( n - 1 ))"; }
 fi
-run_bf16() { LORA_COURSE_CACHE=/tmp/lcc-bf16 timeout $T $pin1 python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $PARAMS $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
-run_t4() { LORA_COURSE_CACHE=/tmp/lcc-t4 timeout $T $pin2 python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $PARAMS $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }
+# Unsloth's save_pretrained_gguf (notebook 13) offline: the llama.cpp folder of scripts/gpu_unsloth_gguf_bundle.sh,
+# carried as .gpu-q, one writable copy per lane (Unsloth writes its patched converter into the folder).
+for l in bf16 t4; do
+  [ -x .gpu-q/llama.cpp/llama-quantize ] && { rm -rf /tmp/llama.cpp-$l; cp -r .gpu-q/llama.cpp /tmp/llama.cpp-$l; }
+done
+unsloth_gguf_env() {
+  [ -x /tmp/llama.cpp-$1/llama-quantize ] || return 0
+  export UNSLOTH_LLAMA_CPP_PATH=/tmp/llama.cpp-$1 UNSLOTH_LLAMA_CPP_SCRIPTS_DIR=/tmp/llama.cpp-$1 \
+    UNSLOTH_LLAMA_CPP_OFFLINE=1 UNSLOTH_AUTO_INSTALL=0
+}
+run_bf16() { unsloth_gguf_env bf16; LORA_COURSE_CACHE=/tmp/lcc-bf16 timeout $T $pin1 python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $PARAMS $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
+run_t4() { unsloth_gguf_env t4; LORA_COURSE_CACHE=/tmp/lcc-t4 timeout $T $pin2 python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $PARAMS $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }
 # PARAMS: notebook parameters for both lanes, e.g. PARAMS="--param WORKERS=4" (notebook 09's runs side by side).
 PARAMS=${PARAMS:-}
 # LANES: which lanes run (default both), e.g. LANES=t4 to re-run one lane's failed notebook.
