@@ -123,3 +123,23 @@ def test_decode_rate_stays_sane_when_a_loaded_cpu_makes_the_prefill_run_slower(m
         return n
 
     assert _decode_rate(bursty, 20, repeats=2) == pytest.approx(200.0)
+
+
+def test_forced_greedy_is_what_greedy_decoding_writes(tiny_gguf, tiny_tok):
+    """forced_greedy (one teacher-forced pass over a given continuation) picks, at every step up to the first
+    difference, the token llama.cpp's own greedy decoding writes; given that decoding's own tokens it agrees at every
+    step, given another continuation it differs where that one does; suppressed ids are never chosen."""
+    from lora_course.llama_runtime import gguf_greedy, load_gguf
+
+    llm = load_gguf(tiny_gguf, n_threads=1, logits_all=True)
+    ids = tiny_tok(PARITY_PROMPTS[0], add_special_tokens=False)["input_ids"]
+    decoded = gguf_greedy(llm, ids, 12)
+    assert parity.forced_greedy(llm, ids, decoded) == decoded
+    other = decoded[:5] + [(t + 1) % len(tiny_tok) for t in decoded[5:]]
+    forced = parity.forced_greedy(llm, ids, other)
+    assert forced[:6] == decoded[:6] and forced[5] != other[5]
+    banned = parity.forced_greedy(llm, ids, decoded, suppress_ids=[decoded[0]])
+    # the same tokens fed: a step changes only where its choice was the suppressed id
+    assert decoded[0] not in banned
+    assert all(b == d for b, d in zip(banned, decoded) if d != decoded[0]) and banned[0] != decoded[0]
+    assert parity.forced_greedy(llm, ids, []) == []
