@@ -143,3 +143,14 @@ def test_forced_greedy_is_what_greedy_decoding_writes(tiny_gguf, tiny_tok):
     assert decoded[0] not in banned
     assert all(b == d for b, d in zip(banned, decoded) if d != decoded[0]) and banned[0] != decoded[0]
     assert parity.forced_greedy(llm, ids, []) == []
+
+
+def test_a_reference_restricted_to_some_texts(tiny_dir, tiny_gguf, tiny_tok):
+    ref = hf_reference(tiny_dir, tiny_tok, PARITY_TEXTS, PARITY_PROMPTS, max_new_tokens=4)
+    part = ref.select([1, 3])
+    assert part.texts == [PARITY_TEXTS[1], PARITY_TEXTS[3]] and part.token_ids == [ref.token_ids[1], ref.token_ids[3]]
+    assert part.log_probs[0] is ref.log_probs[1] and part.prompts == ref.prompts and part.greedy_ids == ref.greedy_ids
+    report = check_parity(tiny_dir, tiny_gguf, reference=part, n_threads=1)
+    assert report.n_positions == len(ref.token_ids[1]) + len(ref.token_ids[3]) and report.tokenizer_total == 3
+    with pytest.raises(IndexError, match="out of range"):
+        ref.select([4])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,14 @@ class HFReference:
     # per prompt and greedy step: the log-probability lead of transformers' chosen token over its runner-up (end of
     # sequence masked), so a greedy divergence can be told apart as a near-tie or a real difference
     greedy_margins: list[list[float]] = field(default_factory=list)
+
+    def select(self, texts: Sequence[int]) -> HFReference:
+        """The same reference on the texts at these indices only (every prompt kept): a smaller parity check."""
+        bad = [i for i in texts if not 0 <= i < len(self.texts)]
+        if bad:
+            raise IndexError(f"text indices {bad} out of range: this reference holds {len(self.texts)} texts")
+        return replace(self, texts=[self.texts[i] for i in texts], token_ids=[self.token_ids[i] for i in texts],
+                       log_probs=[self.log_probs[i] for i in texts])
 
 
 def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequence[str],
