@@ -62,8 +62,11 @@ for l in bf16 t4; do
 done
 unsloth_gguf_env() {
   [ -x /tmp/llama.cpp-$1/llama-quantize ] || return 0
+  # and its converter staging cache per lane too: on 2026-12-07 16:02, with one cache (~/.unsloth) for both lanes, the
+  # bf16 lane's GGUF could not be read back by the gguf-py it was written with while the T4 lane exported the same way
+  # (the same bf16 -> Q8_0 conversion with this folder's converter reads back fine alone)
   export UNSLOTH_LLAMA_CPP_PATH=/tmp/llama.cpp-$1 UNSLOTH_LLAMA_CPP_SCRIPTS_DIR=/tmp/llama.cpp-$1 \
-    UNSLOTH_LLAMA_CPP_OFFLINE=1 UNSLOTH_AUTO_INSTALL=0
+    UNSLOTH_LLAMA_CPP_OFFLINE=1 UNSLOTH_AUTO_INSTALL=0 UNSLOTH_LLAMA_CPP_CONVERTER_CACHE=/tmp/unsloth-converter-$1
 }
 run_bf16() { unsloth_gguf_env bf16; LORA_COURSE_CACHE=/tmp/lcc-bf16 timeout $T $pin1 python3 -m lora_course.gpu_lane --out /tmp/lane-bf16 --profile gpu --model-id $M --workers ${W:-2} $PARAMS $sk $so1 $NB1 > /tmp/lane-bf16/run-$TAG.log 2>&1; }
 run_t4() { unsloth_gguf_env t4; LORA_COURSE_CACHE=/tmp/lcc-t4 timeout $T $pin2 python3 -m lora_course.gpu_lane --out /tmp/lane-t4 --profile colab --emulate t4 --model-id $M --workers ${W:-2} $PARAMS $sk $so2 $NB2 > /tmp/lane-t4/run-$TAG.log 2>&1; }

@@ -53,11 +53,11 @@ def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequenc
                  max_new_tokens: int = 32) -> HFReference:
     """Teacher-forced log-probabilities over ``texts`` and greedy continuations of ``prompts`` in transformers.
 
-    ``hf`` is a loaded model or a folder; prompts are raw text (render chat templates first) tokenized without
-    special tokens added. Greedy continuations run exactly ``max_new_tokens`` (end of sequence suppressed, as
-    ``min_new_tokens`` does), so the comparison covers the same number of tokens whatever the model says;
-    ``check_parity`` masks the same ids in llama.cpp, else a model that ends its turn early would be compared
-    with transformers' second choice.
+    ``hf`` is a loaded model (run on its own device) or a folder (loaded in fp32 on the CPU); prompts are raw text
+    (render chat templates first) tokenized without special tokens added. Greedy continuations run exactly
+    ``max_new_tokens`` (end of sequence suppressed, as ``min_new_tokens`` does), so the comparison covers the same
+    number of tokens whatever the model says; ``check_parity`` masks the same ids in llama.cpp, else a model that
+    ends its turn early would be compared with transformers' second choice.
     """
     import numpy as np
     import torch
@@ -66,21 +66,23 @@ def hf_reference(hf: Any, tokenizer: Any, texts: Sequence[str], prompts: Sequenc
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32) if isinstance(hf, (str, Path)) \
         else hf
     model.eval()
+    device = next(model.parameters()).device   # a model on a GPU runs there (Unsloth, once imported, needs it)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     pids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     lps, greedy, margins = [], [], []
     with torch.inference_mode():
         for row in ids:
-            logits = model(torch.tensor([row])).logits[0].double()
+            logits = model(torch.tensor([row], device=device)).logits[0].double().cpu()
             lps.append(torch.log_softmax(logits, -1).numpy().astype(np.float64))
         for row in pids:
-            out = model.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+            out = model.generate(torch.tensor([row], device=device),
+                                 attention_mask=torch.ones(1, len(row), dtype=torch.long, device=device),
                                  do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, output_scores=True,
                                  return_dict_in_generate=True)
             greedy.append(out.sequences[0, len(row):].tolist())
             # scores: the processed logits of each step (end of sequence already at -inf, as llama.cpp's side masks)
-            top2 = torch.stack([torch.log_softmax(s[0].double(), -1).topk(2).values for s in out.scores])
+            top2 = torch.stack([torch.log_softmax(s[0].double(), -1).topk(2).values for s in out.scores]).cpu()
             margins.append((top2[:, 0] - top2[:, 1]).tolist())
     eos = model.generation_config.eos_token_id
     eos = tokenizer.eos_token_id if eos is None else eos
