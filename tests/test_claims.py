@@ -303,6 +303,12 @@ def test_verdicts_across_machines_agree_and_flag_a_conflict():
     two = {r["claim"]: r for r in cl.verdicts_across([("a", _methods_recs(), 0.0),
                                                       ("c", _methods_recs(full=1.0 + THR / 2), 0.0)])}
     assert not two[full]["conflict"] and not two[full]["agree"]
+    assert cl.agreement_summary(list(rows.values())).endswith(f"supported on one and contradicted on another: {full}")
+    assert cl.agreement_summary(same).startswith(f"{len(same)} of {len(same)} claims get the same verdict on all 2")
+    assert cl.agreement_summary(same).endswith(": none")
+    best = cl.format_best_across([("a", _methods_recs()), ("b", _methods_recs(full=0.8))])
+    assert best.splitlines()[0].endswith("| a | b |") and "| full | 0.900 at 3e-05 | 0.800 at 3e-05 |" in best
+    assert "| lora | 1.000 at 0.001 | 1.000 at 0.001 |" in best
     table = cl.format_verdicts_across(list(rows.values()))
     assert table.splitlines()[0].endswith("| a | b | c |")
     assert f"| {full} | " in table and "| supported | contradicted | inconclusive |" in table

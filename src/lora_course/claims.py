@@ -406,3 +406,22 @@ def format_verdicts_across(rows: Sequence[dict[str, Any]]) -> str:
     out += [f"| {r['claim']} | {r['source']} | " + " | ".join(r["verdicts"][n].split(":")[0] for n in names) + " |"
             for r in rows]
     return "\n".join(out)
+
+
+def agreement_summary(rows: Sequence[dict[str, Any]]) -> str:
+    """One line on ``verdicts_across``'s rows: how many claims agree on every grid, and which conflict."""
+    n_grids = len(rows[0]["verdicts"]) if rows else 0
+    conflicts = [r["claim"] for r in rows if r["conflict"]]
+    return (f"{sum(r['agree'] for r in rows)} of {len(rows)} claims get the same verdict on all {n_grids} machines; "
+            f"supported on one and contradicted on another: {'; '.join(conflicts) or 'none'}")
+
+
+def format_best_across(grids: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> str:
+    """Each method's best held-out loss (and the rate it came at) in the ``methods`` study of several grids
+    (``(name, records)`` each), as a Markdown table with one column per grid."""
+    best = {name: {b["method"]: b for b in best_rows(study_rows(records, "methods"))} for name, records in grids}
+    out = ["| method: best held-out loss at its rate | " + " | ".join(best) + " |", "|---|" + "---|" * len(best)]
+    methods = dict.fromkeys(m for bb in best.values() for m in bb)   # the study's methods, in the grid's order
+    out += [f"| {m} | " + " | ".join(f"{bb[m]['loss']:.3f} at {bb[m]['lr']:g}" if m in bb else "-"
+                                      for bb in best.values()) + " |" for m in methods]
+    return "\n".join(out)

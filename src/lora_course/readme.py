@@ -177,7 +177,7 @@ def render_experiments(root: Path = ROOT) -> str:
 def render_experiments_hardware(root: Path = ROOT) -> str:
     """The same grid on the CPU and in both GPU lanes (``sweep.COMMITTED_GRIDS``): where and how fast each ran, each
     method's best held-out loss per machine, and every claim's verdict per machine (``claims.verdicts_across``)."""
-    from .claims import best_rows, measure_noise, study_rows, verdicts_across
+    from .claims import agreement_summary, format_best_across, format_verdicts_across, measure_noise, verdicts_across
     from .memory_estimate import qlora_upcast_bytes
     from .shapes import SMOLLM2_135M
     from .sweep import COMMITTED_GRIDS
@@ -197,17 +197,10 @@ def render_experiments_hardware(root: Path = ROOT) -> str:
         lines.append(f"| {g.name} | [results/{g.file}](results/{g.file}) | {where}, {doc['date'][:10]}, torch "
                      f"{doc['versions']['torch']} | {len(doc['records'])} | {doc['sweep_seconds'] / 60:.0f} min | "
                      f"{noise.loss_sd:.4f} ({noise.threshold('loss'):.3f}) |")
-    best = {g.name: {b["method"]: b for b in best_rows(study_rows(doc["records"], "methods"))} for g, doc in grids}
-    lines += ["", "| method: best held-out loss at its rate | " + " | ".join(best) + " |", "|---|" + "---|" * len(best)]
-    lines += [f"| {m} | " + " | ".join(f"{bb[m]['loss']:.3f} at {bb[m]['lr']:g}" for bb in best.values()) + " |"
-              for m in ("full", "lora", "qlora", "dora", "loraplus")]
     rows = verdicts_across([(g.name, doc["records"], qlora_upcast_bytes(SMOLLM2_135M, g.compute) / 2**20)
                             for g, doc in grids])
-    lines += ["", "| the references' claim | " + " | ".join(g.name for g, _ in grids) + " |",
-              "|---|" + "---|" * len(grids)]
-    lines += [f"| {r['claim']} | " + " | ".join(v.split(":")[0] for v in r["verdicts"].values()) + " |" for r in rows]
-    lines += ["", (f"{sum(r['agree'] for r in rows)} of {len(rows)} claims get the same verdict on all {len(grids)} "
-                   f"machines; supported on one and contradicted on another: {sum(r['conflict'] for r in rows)}.")]
+    lines += ["", format_best_across([(g.name, doc["records"]) for g, doc in grids]), "",
+              format_verdicts_across(rows), "", agreement_summary(rows) + "."]
     return "\n".join(lines) + "\n"
 
 
