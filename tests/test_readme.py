@@ -70,3 +70,24 @@ def test_06_lane_figure_shows_the_fused_path_where_the_lane_measured_it():
     assert fmt(base) == "answer perplexity 210 -> 14.0"
     gpu = fmt({**base, "unsloth_step_ms_dropout_0": 41.2, "unsloth_step_ms_dropout_005": 55.9})
     assert gpu.endswith("; Unsloth step at lora_dropout 0 / 0.05: 41 / 56 ms"), gpu
+
+
+def test_the_hardware_block_follows_its_grids_and_refuses_another_model(tmp_path):
+    """experiments-hardware is rendered from the three committed grids: a verdict that moves in one file changes the
+    block, and a grid of another model is refused with what to do."""
+    (tmp_path / "results").mkdir()
+    for f in (readme.ROOT / "results").glob("experiments*.json"):
+        shutil.copy(f, tmp_path / "results" / f.name)
+    before = readme.render_experiments_hardware(tmp_path)
+    assert before == readme.render_experiments_hardware(readme.ROOT)
+    gpu = tmp_path / "results" / "experiments-gpu-t4.json"
+    doc = json.loads(gpu.read_text())
+    for rec in doc["records"]:
+        if rec["config"]["method"] == "qlora":
+            rec["sec_per_step"] = 0.001        # QLoRA suddenly far faster than LoRA on that machine
+    gpu.write_text(json.dumps(doc))
+    assert readme.render_experiments_hardware(tmp_path) != before
+    doc["model"]["name"] = "SmolLM2-360M-Instruct"
+    gpu.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="not the course's SmolLM2-135M: re-create it"):
+        readme.render_experiments_hardware(tmp_path)
