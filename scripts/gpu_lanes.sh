@@ -44,8 +44,16 @@ for l in bf16 t4; do
 done
 echo "setup $(( $(date +%s) - t0 )) s"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; lscpu | grep -i 'model name'
 sk=--skip-tests; [ -n "$TESTS" ] && sk=
-so=; for s in $SOLO; do so="$so --solo $(ls notebooks/${s}_*.ipynb)"; done
-so1=$so; so2=$so
+# Each lane runs its own copy of the notebooks, so each papermill kernel has its own working directory (papermill's
+# --cwd is the notebook's folder): Unsloth's save_pretrained_gguf (notebook 13) has llama.cpp's converter write the
+# GGUF under a bare file name (the model folder's name + .Q8_0.gguf) into the working directory, then moves it. On
+# 2026-12-07 at 16:01 and 18:07 both lanes' 13 wrote the same ./SmolLM2-135M-Instruct-Q4_1-v1.Q8_0.gguf at once: one
+# lane read the other lane's file (KL 0.033 from its own merge, and "cannot read it back" at 16:01), the other found
+# its file gone ("Conversion failed ... check disk space"). The notebooks find the course through PYTHONPATH.
+lane_nbs() { local out=; for f in $2; do out="$out /tmp/lane-$1/nb/$(basename "$f")"; done; echo $out; }
+for l in bf16 t4; do rm -rf /tmp/lane-$l/nb; mkdir -p /tmp/lane-$l/nb; cp notebooks/*.ipynb /tmp/lane-$l/nb/; done
+NB1=$(lane_nbs bf16 "$NB1") NB2=$(lane_nbs t4 "$NB2")
+so1=; so2=; for s in $SOLO; do f=$(basename "$(ls notebooks/${s}_*.ipynb)"); so1="$so1 --solo /tmp/lane-bf16/nb/$f"; so2="$so2 --solo /tmp/lane-t4/nb/$f"; done
 # Side by side, each lane runs on its own half of the CPUs (taskset): notebook 08 sizes llama.cpp's and torch's thread
 # pools by the CPUs it may use (hardware.usable_cpus), so two 08s on one 16-core host no longer start 32 spinning
 # threads (on 2026-12-06 both lanes' 08 stalled in the speed cell that way and ran into the call's limit).
@@ -76,9 +84,9 @@ PARAMS=${PARAMS:-}
 LANES=${LANES:-bf16 t4}
 if [ -n "${SEQ:-}" ]; then for l in $LANES; do run_$l; done; else for l in $LANES; do run_$l & done; wait; fi
 for l in $LANES; do echo "== $l"; grep -E '^(ok|FAILED|SKIPPED)|lane report|Error|error' /tmp/lane-$l/run-$TAG.log | tail -30; done
-# Notebook 09's live grid writes its records beside the notebooks (sweep.check_provenance: notebooks/build/
+# Notebook 09's live grid writes its records beside the notebooks (sweep.check_provenance: the lane's nb/build/
 # experiments-<profile>.json, gpu for bf16, colab for the T4 lane): each lane's file goes back with its report, to be
 # committed as results/experiments-gpu-<lane>.json with the hardware it names.
-for l in $LANES; do p=gpu; [ "$l" = t4 ] && p=colab; cp notebooks/build/experiments-$p.json /tmp/lane-$l/ 2>/dev/null || true; done
-tar -C /tmp --exclude='unsloth_compiled_cache' --exclude='*.gguf' --exclude='*.safetensors' --exclude='*.bin' -czf $OUT/lanes-$TAG.tgz $(for l in $LANES; do echo lane-$l; done)
+for l in $LANES; do p=gpu; [ "$l" = t4 ] && p=colab; cp /tmp/lane-$l/nb/build/experiments-$p.json /tmp/lane-$l/ 2>/dev/null || true; done
+tar -C /tmp --exclude='lane-*/nb' --exclude='unsloth_compiled_cache' --exclude='*.gguf' --exclude='*.safetensors' --exclude='*.bin' -czf $OUT/lanes-$TAG.tgz $(for l in $LANES; do echo lane-$l; done)
 ls -la $OUT; echo "total $(( $(date +%s) - t0 )) s"
