@@ -72,6 +72,17 @@ def test_06_lane_figure_shows_the_fused_path_where_the_lane_measured_it():
     assert gpu.endswith("; Unsloth step at lora_dropout 0 / 0.05: 41 / 56 ms"), gpu
 
 
+def test_13_lane_figure_shows_unsloths_gguf_export_where_the_lane_ran_it():
+    fmt = readme.LANE_METRICS["13_capstone"]
+    cpu = {"cleaned_kept": 400, "cleaned_duplicates": 80, "eval_loss_start": 2.04, "eval_loss_end": 1.25,
+           "task_metric_mean_before": 0.17, "task_metric_mean_after": 0.67, "served_in_format": 2.0}
+    assert "save_pretrained_gguf" not in fmt(cpu) and "served 2/3 in format" in fmt(cpu), fmt(cpu)
+    gpu = fmt({**cpu, "unsloth_gguf_seconds": 36.3, "unsloth_gguf_own_kl": 0.00685,
+               "unsloth_gguf_unsloth_kl_vs_trained": 0.64309, "unsloth_gguf_course_kl_vs_trained": 0.01765})
+    assert gpu.endswith("; save_pretrained_gguf Q8_0 in 36 s, KL 0.0069 from its own 16-bit merge, 0.64 from the "
+                        "trained function (the course's Q8_0: 0.0176)"), gpu
+
+
 def test_the_hardware_block_follows_its_grids_and_refuses_another_model(tmp_path):
     """experiments-hardware is rendered from the three committed grids: a verdict that moves in one file changes the
     block, and a grid of another model is refused with what to do."""

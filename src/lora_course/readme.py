@@ -72,12 +72,15 @@ LANE_METRICS: dict[str, Callable[[dict[str, Any]], str]] = {
     "13_capstone": lambda m: (
         f"{m['cleaned_kept']} examples kept ({m['cleaned_duplicates']} duplicates); held-out loss "
         f"{m['eval_loss_start']:.2f} -> {m['eval_loss_end']:.2f}; task metrics {m['task_metric_mean_before']:.2f} -> "
-        f"{m['task_metric_mean_after']:.2f}; served {m['served_in_format']}/3 in format"
+        f"{m['task_metric_mean_after']:.2f}; served {m['served_in_format']:g}/3 in format"
         + (f"; merge vs unmerged (fp32) {m['merge_max_logit_diff']:.0e} logits, the trained model's own "
            f"precision {m['precision_max_logit_diff']:.2g}" if "precision_max_logit_diff" in m else "")
         + (f"; Unsloth merged_16bit into {m['unsloth_merged_16bit_base']}, KL "
            f"{m['unsloth_merged_16bit_mean_kl']:.2f} from the trained function" if "unsloth_merged_16bit_base" in m
-           else "")),
+           else "")
+        + (f"; save_pretrained_gguf Q8_0 in {m['unsloth_gguf_seconds']:.0f} s, KL {m['unsloth_gguf_own_kl']:.4f} "
+           f"from its own 16-bit merge, {m['unsloth_gguf_unsloth_kl_vs_trained']:.2f} from the trained function "
+           f"(the course's Q8_0: {m['unsloth_gguf_course_kl_vs_trained']:.4f})" if "unsloth_gguf_own_kl" in m else "")),
 }
 
 
