@@ -116,6 +116,16 @@ def test_first_error_is_the_earliest_rank_failure(tmp_path):
     assert first_error(tmp_path / "none") is None
 
 
+def test_first_error_survives_an_unstamped_error_file(tmp_path):
+    """A rank stopped while writing its error file (before train_worker wrote them atomically) left it empty: the
+    launcher then failed on it with ValueError (CI, 2026-12-07) instead of naming the rank that failed first."""
+    (tmp_path / "error-rank0.txt").write_text("")
+    (tmp_path / "error-rank1.txt").write_text("200.1\nRuntimeError: injected failure on rank 1")
+    assert first_error(tmp_path).startswith("rank1:\nRuntimeError: injected failure")
+    (tmp_path / "error-rank1.txt").unlink()
+    assert first_error(tmp_path) == "rank0:\n"  # unstamped alone: still named, never an exception
+
+
 def test_qlora_fsdp_stores_4bit_weights_in_the_compute_dtype():
     import torch
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import global_batches
+from .paths import write_text_atomic
 from .procs import free_port
 
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
@@ -393,7 +395,9 @@ def train_worker(cfg: LaunchConfig) -> None:
 
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        (Path(cfg.output_dir) / f"error-rank{rank}.txt").write_text(f"{time.time():.6f}\n{text}")
+        # whole or not at all: the launcher reads these files while the other ranks are being stopped, and a rank killed
+        # mid-write left an empty file that first_error could not parse (seen once in CI, 2026-12-07)
+        write_text_atomic(Path(cfg.output_dir) / f"error-rank{rank}.txt", f"{time.time():.6f}\n{text}")
         raise
 
 
@@ -481,7 +485,11 @@ def first_error(output_dir: str | Path) -> str | None:
     found = []
     for f in Path(output_dir).glob("error-rank*.txt"):
         stamp, _, text = f.read_text(encoding="utf-8").partition("\n")
-        found.append((float(stamp), f.stem.removeprefix("error-"), text))
+        try:
+            when = float(stamp)
+        except ValueError:  # not written by train_worker (which writes atomically): after every stamped one
+            when = math.inf
+        found.append((when, f.stem.removeprefix("error-"), text))
     if not found:
         return None
     stamp, who, text = min(found)
