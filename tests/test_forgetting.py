@@ -92,3 +92,17 @@ def test_each_answer_nll_is_that_examples_course_perplexity(tiny):
     exs = load_task("code", "eval")[:3]
     for (s, n), ex in zip(answer_nlls(model, tok, exs), exs):
         assert s / n == pytest.approx(math.log(perplexity(model, tok, [ex], batch_size=1)), rel=1e-5)
+
+
+def test_batched_answer_nlls_equal_one_example_at_a_time(tiny):
+    # right padding: each row's losses are what the example has alone, up to another matrix shape's rounding
+    model, tok = tiny
+    exs = load_task("code", "eval")[:5] + load_task("technical", "eval")[:4]  # unequal lengths: padded rows
+    one = answer_nlls(model, tok, exs, batch_size=1)
+    for batch_size in (4, 12):
+        many = answer_nlls(model, tok, exs, batch_size=batch_size)
+        assert [n for _, n in many] == [n for _, n in one]
+        for (s, _), (s1, _) in zip(many, one):
+            assert s == pytest.approx(s1, rel=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        answer_nlls(model, tok, exs, batch_size=0)

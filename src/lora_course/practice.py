@@ -184,9 +184,13 @@ def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps:
         raise ValueError("the model has no trainable parameters: add LoRA layers (or unfreeze some) first")
     torch.manual_seed(seed)
     feats = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
-    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = get_scheduler(schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
     device = params[0].device
+    # On a CPU torch's AdamW defaults to a Python loop over the tensors; fused=True is its vectorised C++ kernel, the
+    # same update to float rounding: AdamW's step over notebook 12's 106M full fine-tuning weights 0.205 -> 0.081 s on
+    # 2 cores (Intel Xeon, AVX-512; a full step is ~1.5 s). On a GPU torch's default (foreach) stays.
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                                         fused=True if device.type == "cpu" else None)
+    sched = get_scheduler(schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
     amp = resolve_loop_amp(model, amp)
     scaler = make_grad_scaler(amp, device.type)
     if scaler is not None:
@@ -229,9 +233,7 @@ def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps:
             if on_step is not None:
                 on_step(step)
             opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                update = math.sqrt(sum((p.detach().float() - b.float()).pow(2).sum().item()
-                                       for p, b in zip(params, before)))
+            update = update_norm(before, params)
             log.losses.append(value)
             log.lrs.append(current_lr)
             log.grad_norms.append(norm)
@@ -241,6 +243,23 @@ def train_run(model: Any, tokenizer: Any, examples: list[dict[str, Any]], steps:
         log.seconds = time.perf_counter() - t0
         model.eval()
     return log
+
+
+def update_norm(before: list[Any], params: list[Any]) -> float:
+    """||after - before|| over every tensor of ``params``; ``before`` holds their copies and is overwritten.
+
+    The difference is taken in place in the copies (no float copy of a 106M-weight model per step: 0.07 s instead of
+    0.23 s a full fine-tuning step on the cpu model) and is exact whenever a weight moved by less than its own size
+    (Sterbenz: b/2 <= a <= 2b makes a - b representable), otherwise within one rounding of the weights' dtype; the
+    per-tensor norms are combined in fp32.
+    """
+    import torch
+
+    with torch.no_grad():
+        after = [p.detach() for p in params]
+        torch._foreach_sub_(before, after)
+        norms = torch._foreach_norm(before)
+        return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
 
 
 def snapshot_trainable(model: Any) -> dict[str, Any]:
