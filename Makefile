@@ -64,9 +64,11 @@ model: setup
 # llama.cpp's and transformers' tokens/s on all cores, which another notebook on the second core would decide
 # (measured: 7.5x alone, 3.4x beside another). 09's live re-check trains its two runs in two processes of their own,
 # so it too uses both cores (measured: 72 s alone, 126-145 s beside another notebook). The heaviest one-process
-# notebooks run alone on every core as threads, as a learner runs one notebook (ALL_CORES_NOTEBOOKS: OMP_NUM_THREADS =
-# the usable CPUs). Measured on a 2-core AVX2 EPYC, beside another notebook with one thread -> alone with two:
-# 08 151 -> 120 s, 11 187 -> 107 s, 12 147 -> 93 s (the same losses to the last digit).
+# notebooks run alone on every core as threads, as a learner runs one notebook (ALL_CORES_NOTEBOOKS: OMP_NUM_THREADS and
+# MKL_NUM_THREADS = the usable CPUs; torch's CPU wheel takes the smaller of the two, so until 2026-12-07 the MKL=1
+# exported above kept 07, 11, 12 and 13 on one torch thread: lora_course.course.solo_environ). Measured on a 2-core
+# AVX2 EPYC, beside another notebook -> alone: 08 151 -> 120 s, 11 187 -> 107 s, 12 147 -> 93 s (the same losses to
+# the last digit).
 ALL_CORES_NOTEBOOKS := notebooks/07_multi_adapter_hot_swap.ipynb notebooks/08_merge_and_export.ipynb \
 	notebooks/11_training_in_practice.ipynb notebooks/12_forgetting_data_and_variants.ipynb notebooks/13_capstone.ipynb
 SOLO_NOTEBOOKS := notebooks/04_qlora.ipynb $(ALL_CORES_NOTEBOOKS) notebooks/09_experiments.ipynb

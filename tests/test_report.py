@@ -38,8 +38,32 @@ def test_course_gives_all_cores_notebooks_every_usable_cpu_and_others_nothing(tm
 
     monkeypatch.setattr(hardware, "usable_cpus", lambda: 6)
     nb08, nb04 = tmp_path / "08_merge.ipynb", tmp_path / "04_qlora.ipynb"
-    assert solo_environ(nb08, [tmp_path / "." / "08_merge.ipynb"]) == {"OMP_NUM_THREADS": "6"}
+    assert solo_environ(nb08, [tmp_path / "." / "08_merge.ipynb"]) == {"OMP_NUM_THREADS": "6", "MKL_NUM_THREADS": "6"}
     assert solo_environ(nb04, [nb08]) == {}  # 04 starts a process of its own beside its training: one thread each
+
+
+def test_an_all_cores_notebook_gets_torch_threads_under_the_makefiles_environment(tmp_path):
+    # The Makefile exports OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1 for the side-by-side stage; a notebook run alone
+    # with every core must see torch use them: torch's CPU wheel starts with the smaller of the two variables
+    import os
+    import subprocess
+    import sys
+
+    from lora_course import hardware
+    from lora_course.course import solo_environ
+
+    n = hardware.usable_cpus()
+    if n < 2:
+        pytest.skip("one usable CPU: every thread count is 1")
+    nb = tmp_path / "12_forgetting.ipynb"
+    make_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    probe = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
+
+    def torch_threads(env):
+        return subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert torch_threads({**make_env, **solo_environ(nb, [nb])}) == str(n)
+    assert torch_threads({**make_env, "OMP_NUM_THREADS": str(n)}) == "1"  # OMP's alone: what the runner gave before
 
 
 def test_course_report_shows_skipped_notebooks_as_skipped(tmp_path):

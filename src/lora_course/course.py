@@ -100,16 +100,25 @@ def schedule(notebooks: list[Path], solo: list[Path]) -> tuple[list[Path], list[
 
 
 def solo_environ(notebook: Path, all_cores: list[Path]) -> dict[str, str]:
-    """The environment a solo notebook adds: ``OMP_NUM_THREADS`` = every usable CPU for those in ``all_cores``.
+    """The environment a solo notebook adds: ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` = every usable CPU for those
+    in ``all_cores``.
 
     Under ``make`` every notebook gets one thread (two run side by side on two cores). A notebook that then runs
     alone in one process, such as 08 (llama.cpp's parity checks and quantization, torch's training), would leave
     the other core idle: measured on a 2-core AVX2 EPYC, 08 took 151 s with one thread and 135 s with two.
+    Both variables: torch's CPU wheel starts with the smaller of the two as its thread count, so with the
+    Makefile's ``MKL_NUM_THREADS=1`` left in place ``OMP_NUM_THREADS=2`` alone gives ``torch.get_num_threads() == 1``
+    (measured with torch 2.13 on a 2-core Intel Xeon: a 1024 x 1024 matmul 13.8 ms, 7.3-8.4 ms with both set to 2;
+    notebooks 07, 11, 12 and 13, which do not set torch's threads themselves, ran on one core in every course run
+    until this was found).
     """
     from .hardware import usable_cpus
 
     wanted = {Path(p).resolve() for p in all_cores}
-    return {"OMP_NUM_THREADS": str(usable_cpus())} if Path(notebook).resolve() in wanted else {}
+    if Path(notebook).resolve() not in wanted:
+        return {}
+    n = str(usable_cpus())
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solo", nargs="*", type=Path, default=[],
                         help="notebooks that run after the others, alone (their speed comparisons need every core)")
     parser.add_argument("--all-cores", nargs="*", type=Path, default=[],
-                        help="solo notebooks whose one process may use every core: OMP_NUM_THREADS = the usable CPUs "
-                             "(not for a notebook that starts processes of its own to fill the cores)")
+                        help="solo notebooks whose one process may use every core: OMP_NUM_THREADS and "
+                             "MKL_NUM_THREADS = the usable CPUs (not for a notebook that starts processes of its own "
+                             "to fill the cores)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     params = dict(args.parameter)
