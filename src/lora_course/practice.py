@@ -389,4 +389,4 @@ def logit_gap(ref_logits: Any, logits: Any, labels: Any | None = None) -> dict[s
 
 __all__ = ["SCHEDULES", "DivergenceGuard", "RunLog", "TrainingDiverged", "answer_logits", "answer_loss",
            "dequantized_weights", "logit_gap",
-           "restore_trainable", "snapshot_trainable", "train_run"]
+           "restore_trainable", "snapshot_trainable", "train_run", "update_norm"]
